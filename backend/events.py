@@ -1,0 +1,99 @@
+"""Typed events a pipeline yields (DESIGN.md, "The backend, as layers").
+
+Pipelines are plain generators of these; they know nothing of ZeroMQ. The CLI, the server and the tests drive the
+same pipeline objects.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from backend.errors import Cancelled
+
+
+@dataclass
+class Progress:
+    stage: str
+    step: int
+    total: int
+    message: str = ""
+
+
+@dataclass
+class MeshUpdate:
+    """A mesh in the job's output space. ``final`` meshes are never dropped; intermediate ones may coalesce.
+
+    vertices float32 (N, 3); faces uint32 (M, 3); colors uint8 (N, 3 or 4) or None; normals float32 (N, 3) or None.
+    ``name`` identifies the output slot (one per variant / gallery item) so a client replaces the right object.
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    colors: Optional[np.ndarray] = None
+    final: bool = False
+    name: str = "result"
+    normals: Optional[np.ndarray] = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Image:
+    png: bytes
+    label: str
+
+
+Event = Union[Progress, MeshUpdate, Image]
+
+
+class CancelToken:
+    """Thread-safe cancellation flag checked by pipelines at every optimisation step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` if cancellation was requested."""
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled by request")
+
+
+@dataclass
+class MeshInput:
+    """A mesh sent with a request (selected Blender object or file), in its local space plus its world matrix."""
+
+    name: str
+    vertices: np.ndarray
+    faces: np.ndarray
+    colors: Optional[np.ndarray] = None
+    matrix_world: Optional[np.ndarray] = None  # (4, 4) float64, row-major
+
+
+@dataclass
+class JobContext:
+    """Everything a pipeline needs besides its parameters.
+
+    ``profile`` is a :class:`backend.models.registry.Profile` (models are loaded lazily through it and cached),
+    ``device`` a torch device string ("cpu", "cuda"), ``cancel`` the job's token, ``seed`` the base seed.
+    """
+
+    profile: Any
+    device: str = "cpu"
+    cancel: CancelToken = field(default_factory=CancelToken)
+    seed: int = 0
+    workdir: Optional[str] = None
+
+
+Pipeline = Callable[[dict, list, JobContext], Iterator[Event]]

@@ -1,0 +1,39 @@
+"""Shared pytest setup: the repository root on sys.path, a deterministic torch, and a private runtime folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Keep tests on the CPU, offline and quiet, whatever the machine has.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    """A private per-test runtime folder for connection files and job stores."""
+    d = tmp_path / "runtime"
+    d.mkdir()
+    monkeypatch.setenv("STEPSTONE_RUNTIME_DIR", str(d))
+    return d
