@@ -1,0 +1,1 @@
+"""Fields: density grids, SDF-derived density and the latent-conditioned implicit decoder (all offer ``query``)."""
