@@ -1,0 +1,1 @@
+"""Geometry: mesh IO, normalisation, mesh <-> SDF grid, marching cubes, metrics."""
