@@ -1,0 +1,412 @@
+"""Model profiles: which weights a backend uses, where they live, and what they make possible.
+
+A *profile* names a complete model set (DESIGN.md, "Models, weights and profiles"):
+
+- ``starter``: small models this project trains on its procedural shape world, shipped in
+  ``backend/models/starter/`` (override the folder with ``STEPSTONE_STARTER_DIR``). Until they are trained the
+  capabilities say so and name the command that makes them.
+- ``pretrained``: public weights: open_clip ``ViT-B-32`` with pretrained tag ``laion2b_s34b_b79k`` and a Stable
+  Diffusion model id through the Hugging Face cache (``STEPSTONE_SD_MODEL``, default
+  ``sd-legacy/stable-diffusion-v1-5``). The ISS SVR model, mapper, diffusion prior and CISP have **no public
+  weights** for these architectures; the profile looks for them under
+  ``$STEPSTONE_MODELS_DIR/pretrained/<kind>/`` (default ``~/.cache/stepstone/models``) and says they are missing.
+- ``tiny``: random, very small configurations built deterministically in memory, for tests.
+
+Loading a profile is cheap: models load lazily on first use and are cached in :data:`_MODEL_CACHE` (the only
+global state allowed by the design), keyed by (profile, kind, device, source).
+
+Manifest format (``backend/models/starter/manifest.json``), written by :func:`write_manifest_entry`::
+
+    {
+      "format": 1,
+      "profile": "starter",
+      "models": {
+        "<kind>": {                                   # clip | diffusion | svr | mapper | prior | cisp
+          "path": "<kind>",                           # folder relative to the manifest
+          "files": {"<relative file>": {"sha256": "<hex>", "size": <bytes>}, ...},
+          "command": "python -m backend train <kind> ...",   # the exact command that made the files
+          "seed": 0,
+          "created": "2025-01-01T00:00:00Z",
+          "notes": "free text: data set, iterations, metrics"
+        }
+      }
+    }
+
+Folder layouts per kind: ``clip`` is open_clip's ``local-dir:`` layout (``open_clip_config.json`` +
+``open_clip_model.safetensors``); ``diffusion`` is the diffusers ``save_pretrained`` layout (``model_index.json``,
+``unet/``, optional ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``); the others are
+``config.json`` + ``model.safetensors`` (:mod:`backend.models.io`).
+
+Capabilities (sent in ``welcome``): ``{workflow: {"available": bool, "reason": str, "options": {option: {value:
+{"available": bool, "reason": str}}}}}``; ``reason`` is empty when available, else a sentence naming the missing
+file and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from backend.errors import InputError, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("starter", "pretrained", "tiny")
+KINDS = ("clip", "diffusion", "svr", "mapper", "prior", "cisp")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+PRETRAINED_CLIP = ("ViT-B-32", "laion2b_s34b_b79k")
+DEFAULT_SD_MODEL = "sd-legacy/stable-diffusion-v1-5"
+
+# The only global state: loaded models, shared by every Profile object of the process.
+_MODEL_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.RLock()
+
+# Files whose presence says a local model folder is complete, per kind.
+_REQUIRED_FILES = {
+    "clip": ("open_clip_config.json", "open_clip_model.safetensors"),
+    "diffusion": ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
+                  "text_encoder/config.json", "tokenizer/vocab.json"),
+    "svr": ("config.json", "model.safetensors"),
+    "mapper": ("config.json", "model.safetensors"),
+    "prior": ("config.json", "model.safetensors"),
+    "cisp": ("config.json", "model.safetensors"),
+}
+
+
+def starter_dir() -> Path:
+    """Folder of the shipped starter weights (``STEPSTONE_STARTER_DIR`` overrides it)."""
+    env = os.environ.get("STEPSTONE_STARTER_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent / "starter"
+
+
+def user_models_dir() -> Path:
+    """Folder for weights an artist trains or downloads (``STEPSTONE_MODELS_DIR``, default ~/.cache/stepstone/models)."""
+    env = os.environ.get("STEPSTONE_MODELS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "stepstone" / "models"
+
+
+def sd_model_id() -> str:
+    """The Stable Diffusion model id (or local folder) of the ``pretrained`` profile."""
+    return os.environ.get("STEPSTONE_SD_MODEL", DEFAULT_SD_MODEL)
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class ComponentStatus:
+    """Where one model of a profile comes from and whether it is usable now (``models check``)."""
+
+    kind: str
+    source: str  # a folder, an open_clip tag or a Hugging Face model id
+    present: bool
+    detail: str = ""  # what is missing / how it was verified
+    fetch: str = ""  # the command that makes or fetches it
+    public: bool = True  # False: no public weights exist for this part in this profile
+
+    def reason(self) -> str:
+        if self.present:
+            return ""
+        msg = f"{self.kind} unavailable: {self.detail}"
+        if self.fetch:
+            msg += f" — run `{self.fetch}`"
+        return msg
+
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(root: Path | None = None) -> dict:
+    """The manifest of a weights folder (empty skeleton when there is none yet)."""
+    root = Path(root) if root is not None else starter_dir()
+    path = root / MANIFEST
+    if not path.is_file():
+        return {"format": MANIFEST_FORMAT, "profile": "starter", "models": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelUnavailable(f"{path} is not valid JSON ({exc}); re-run the starter training to rewrite it") from exc
+    data.setdefault("models", {})
+    return data
+
+
+def write_manifest_entry(kind: str, command: str, seed: int, root: Path | None = None, notes: str = "",
+                         path: str | None = None) -> dict:
+    """Hash every file of ``root/<kind>`` and record it in ``root/manifest.json`` with the command and seed.
+
+    Called by the starter trainers after they save a model; returns the entry written.
+    """
+    if kind not in KINDS:
+        raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    root = Path(root) if root is not None else starter_dir()
+    rel = path or kind
+    folder = root / rel
+    if not folder.is_dir():
+        raise ModelUnavailable(f"cannot write the manifest entry: {folder} does not exist")
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files[f.relative_to(folder).as_posix()] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+    entry = {
+        "path": rel,
+        "files": files,
+        "command": command,
+        "seed": int(seed),
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "notes": notes,
+    }
+    manifest = read_manifest(root)
+    manifest["format"] = MANIFEST_FORMAT
+    manifest.setdefault("profile", "starter")
+    manifest["models"][kind] = entry
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
+def verify_manifest_entry(kind: str, root: Path | None = None) -> tuple[bool, str]:
+    """Check the files of ``kind`` against their sha256 in the manifest; returns (ok, detail)."""
+    root = Path(root) if root is not None else starter_dir()
+    entry = read_manifest(root)["models"].get(kind)
+    if entry is None:
+        return False, f"no entry for {kind} in {root / MANIFEST}"
+    folder = root / entry.get("path", kind)
+    for rel, info in entry.get("files", {}).items():
+        f = folder / rel
+        if not f.is_file():
+            return False, f"{f} is missing"
+        if f.stat().st_size != info.get("size"):
+            return False, f"{f} has {f.stat().st_size} bytes, the manifest says {info.get('size')}"
+        if sha256_file(f) != info.get("sha256"):
+            return False, f"{f} does not match its sha256 in the manifest (corrupted or replaced)"
+    return True, f"{len(entry.get('files', {}))} files match their sha256"
+
+
+# --------------------------------------------------------------------------------------------- profiles
+
+
+def _train_cmd(kind: str) -> str:
+    return f"python -m backend train {kind}"
+
+
+class Profile:
+    """A named model set. Cheap to create; ``clip()``, ``diffusion()``... load lazily and are cached."""
+
+    def __init__(self, name: str, device: str = "cpu") -> None:
+        if name not in PROFILES:
+            raise InputError(f"unknown model profile {name!r}; known profiles: {', '.join(PROFILES)}")
+        self.name = name
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"Profile({self.name!r}, device={self.device!r})"
+
+    # ------------------------------------------------------------------ where each part comes from
+
+    def local_dir(self, kind: str) -> Optional[Path]:
+        """The folder a local model of ``kind`` lives in for this profile (None for tiny / hub-only parts)."""
+        if self.name == "starter":
+            entry = read_manifest().get("models", {}).get(kind, {})
+            return starter_dir() / entry.get("path", kind)
+        if self.name == "pretrained" and kind not in ("clip", "diffusion"):
+            return user_models_dir() / "pretrained" / kind
+        return None
+
+    def component(self, kind: str) -> ComponentStatus:
+        """Cheap presence check of one part (file existence / HF cache lookup; no hashing, no loading)."""
+        if kind not in KINDS:
+            raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        if self.name == "tiny":
+            return ComponentStatus(kind, "tiny (random, built in memory)", True, "random weights for tests")
+        if self.name == "pretrained" and kind == "clip":
+            from backend.models import hub
+
+            name, tag = PRETRAINED_CLIP
+            present, detail = hub.clip_in_cache(name, tag)
+            return ComponentStatus(kind, f"open_clip {name} / {tag}", present, detail,
+                                   fetch="python -m backend models download clip")
+        if self.name == "pretrained" and kind == "diffusion":
+            from backend.models import hub
+
+            mid = sd_model_id()
+            present, detail = hub.diffusers_in_cache(mid)
+            return ComponentStatus(kind, f"diffusers {mid}", present, detail,
+                                   fetch="python -m backend models download diffusion")
+        folder = self.local_dir(kind)
+        assert folder is not None
+        missing = [f for f in _REQUIRED_FILES[kind] if not (folder / f).is_file()]
+        if not missing:
+            return ComponentStatus(kind, str(folder), True, "files present", public=self.name != "pretrained")
+        if self.name == "starter":
+            return ComponentStatus(kind, str(folder), False,
+                                   f"starter weights missing ({folder / missing[0]})", fetch=_train_cmd(kind))
+        return ComponentStatus(
+            kind, str(folder), False,
+            f"no public weights exist for this project's {kind} model; expected a trained copy at {folder / missing[0]}",
+            fetch=f"python -m backend train {kind} --out {folder}", public=False)
+
+    def components(self) -> dict[str, ComponentStatus]:
+        return {k: self.component(k) for k in KINDS}
+
+    # ------------------------------------------------------------------ capabilities
+
+    def capabilities(self) -> dict[str, dict]:
+        """Which workflows and options this profile can run, and why not (sent to clients in ``welcome``)."""
+        c = self.components()
+
+        def need(*kinds: str) -> tuple[bool, str]:
+            reasons = [c[k].reason() for k in kinds if not c[k].present]
+            return (not reasons), "; ".join(reasons)
+
+        def opt(ok_reason: tuple[bool, str]) -> dict:
+            return {"available": ok_reason[0], "reason": ok_reason[1]}
+
+        caps: dict[str, dict] = {}
+        caps["diagnostic"] = {"available": True, "reason": "", "options": {}}
+
+        # ISS++: CLIP -> mapper -> SVR latent -> decoder (stage 1/2); refined = SDS (Eq. 7) needs diffusion.
+        fast = need("clip", "svr", "mapper")
+        refined_ok, refined_reason = need("clip", "svr", "mapper", "diffusion")
+        caps["text-to-shape"] = {
+            "available": fast[0],
+            "reason": fast[1],
+            "options": {
+                "quality": {"fast": opt(fast), "refined": opt((refined_ok, refined_reason))},
+                # ISS++ Eq. 5: diversity through the diffusion prior f_{T->I}
+                "diversity": {"prior": opt(need("prior")), "none": opt((True, ""))},
+            },
+        }
+        # ISS++ Sec. 3.3: texture / shape-and-texture (CLIP) and SDS stylization (Eq. 7).
+        clip_only = need("clip")
+        sds = need("diffusion")
+        caps["stylize"] = {
+            "available": clip_only[0] or sds[0],
+            "reason": "" if (clip_only[0] or sds[0]) else f"{clip_only[1]}; {sds[1]}",
+            "options": {"mode": {"texture": opt(clip_only), "shape": opt(clip_only), "sds": opt(sds)}},
+        }
+        # image-to-shape: CISP-conditioned voxel diffusion (paper 002) or the ISS SVR encoder.
+        cisp_ok, svr_ok = need("cisp"), need("svr")
+        lift_ok = cisp_ok[0] or svr_ok[0]
+        caps["image-to-shape"] = {
+            "available": lift_ok,
+            "reason": "" if lift_ok else f"{cisp_ok[1]}; {svr_ok[1]}",
+            "options": {"method": {"cisp": opt(cisp_ok), "svr": opt(svr_ok)}},
+        }
+        # ThemeStation: fine-tuned text-to-image (concept images) + lift to 3D + dual score distillation.
+        diff = need("diffusion")
+        gallery_ok = diff[0] and lift_ok
+        reasons = [r for r in (diff[1], "" if lift_ok else caps["image-to-shape"]["reason"]) if r]
+        caps["gallery"] = {"available": gallery_ok, "reason": "; ".join(reasons), "options": {}}
+        return caps
+
+    # ------------------------------------------------------------------ models (lazy, cached)
+
+    def _cached(self, kind: str, source: str, build: Callable[[], Any]) -> Any:
+        key = (self.name, kind, self.device, source)
+        with _CACHE_LOCK:
+            if key not in _MODEL_CACHE:
+                log.info("loading %s for profile %s on %s from %s", kind, self.name, self.device, source)
+                _MODEL_CACHE[key] = build()
+            return _MODEL_CACHE[key]
+
+    def _require(self, kind: str) -> ComponentStatus:
+        st = self.component(kind)
+        if not st.present:
+            raise ModelUnavailable(_unavailable_paragraph(self.name, st))
+        return st
+
+    def clip(self):
+        """The CLIP model of this profile (:class:`backend.models.clip.ClipModel`)."""
+        from backend.models import clip as clip_mod
+
+        st = self._require("clip")
+        if self.name == "tiny":
+            return self._cached("clip", "tiny", lambda: clip_mod.ClipModel.tiny(device=self.device))
+        if self.name == "pretrained":
+            name, tag = PRETRAINED_CLIP
+            return self._cached("clip", st.source, lambda: clip_mod.ClipModel.from_pretrained(name, tag, device=self.device))
+        return self._cached("clip", st.source, lambda: clip_mod.ClipModel.load(st.source, device=self.device))
+
+    def diffusion(self, **options: Any):
+        """The text-to-image diffusion bundle (:class:`backend.models.diffusion.DiffusionBundle`).
+
+        ``options`` (dtype, attention_slicing, cpu_offload) go to ``DiffusionBundle.from_pretrained``.
+        """
+        from backend.models import diffusion as diff_mod
+
+        st = self._require("diffusion")
+        key = st.source + (json.dumps(options, sort_keys=True, default=str) if options else "")
+        if self.name == "tiny":
+            return self._cached("diffusion", "tiny" + key, lambda: diff_mod.DiffusionBundle.tiny(device=self.device))
+        source = sd_model_id() if self.name == "pretrained" else st.source
+        return self._cached("diffusion", key,
+                            lambda: diff_mod.DiffusionBundle.from_pretrained(source, device=self.device, **options))
+
+    def _local_model(self, kind: str, module_name: str, cls_name: str, tiny_factory: str):
+        import importlib
+
+        mod = importlib.import_module(f"backend.models.{module_name}")
+        cls = getattr(mod, cls_name)
+        st = self._require(kind)
+        if self.name == "tiny":
+            return self._cached(kind, "tiny", lambda: getattr(cls, tiny_factory)(device=self.device))
+        hint = f"Run `{st.fetch}`." if st.fetch else ""
+        return self._cached(kind, st.source, lambda: cls.load(st.source, device=self.device, fetch_hint=hint))
+
+    def svr(self):
+        """The ISS SVR model (:class:`backend.models.svr.SVRModel`): image encoder E_S + implicit decoder D."""
+        return self._local_model("svr", "svr", "SVRModel", "tiny")
+
+    def mapper(self):
+        """The ISS mapper M (:class:`backend.models.mapper.Mapper`): CLIP feature -> SVR shape latent."""
+        return self._local_model("mapper", "mapper", "Mapper", "tiny")
+
+    def prior(self):
+        """The diffusion prior (:class:`backend.models.prior.DiffusionPrior`): CLIP text -> CLIP image embedding."""
+        return self._local_model("prior", "prior", "DiffusionPrior", "tiny")
+
+    def cisp(self):
+        """CISP (:class:`backend.models.cisp.CISP`): joint image/voxel embedding + conditioned voxel diffusion."""
+        return self._local_model("cisp", "cisp", "CISP", "tiny")
+
+
+def _unavailable_paragraph(profile: str, st: ComponentStatus) -> str:
+    msg = f"The {st.kind} model of the {profile!r} profile is not available: {st.detail}."
+    if st.fetch:
+        msg += f" Run `{st.fetch}` to make it"
+        if "download" in st.fetch:
+            msg += " (needs network access once; then it works offline from the Hugging Face cache)"
+        msg += "."
+    if profile == "starter":
+        msg += " Or start the backend with `--profile tiny` to try the workflows with random weights."
+    return msg
+
+
+def load_profile(name: str | None = None, device: str = "cpu") -> Profile:
+    """The profile ``name`` (None -> ``STEPSTONE_PROFILE`` or ``"starter"``) on ``device``; unknown -> InputError."""
+    if name is None:
+        name = os.environ.get("STEPSTONE_PROFILE") or "starter"
+    name = name.strip().lower()
+    return Profile(name, device=device)
+
+
+def clear_cache() -> None:
+    """Forget every loaded model (tests, and freeing GPU memory when the profile changes)."""
+    with _CACHE_LOCK:
+        _MODEL_CACHE.clear()
