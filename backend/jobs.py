@@ -1,0 +1,476 @@
+"""Jobs: a queue, ONE worker thread for GPU work, cancellation in every state, and the job store on disk.
+
+DESIGN.md, "Nothing lost": every job gets a folder ``<store>/<job id>/`` holding
+
+* ``request.json``  the workflow, the normalised params and the input meshes' names/matrices (arrays in
+  ``inputs.npz``, plain arrays, loaded with ``allow_pickle=False``);
+* ``events.jsonl``  one JSON line per event (state changes, progress, mesh metadata, errors);
+* ``<name>.glb``    every final mesh, written BEFORE ``done`` is reported;
+* ``status.json``   the current state, error and result list (rewritten atomically).
+
+A backend that starts on an existing store reloads it; jobs left ``queued``/``running`` by a previous run are
+marked ``failed`` with the reason, so nothing silently disappears.
+
+The manager knows nothing of sockets: it reports events through an ``emit(job_id, kind, fields, arrays)``
+callback (kinds from :mod:`shared.protocol`), called from the worker thread or from the caller's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from backend.errors import Cancelled, InputError, ModelUnavailable, StepstoneError
+from backend.events import CancelToken, Image, JobContext, MeshInput, MeshUpdate, Progress
+from shared import protocol as P
+from shared.mesh import as_mesh_arrays
+
+log = logging.getLogger("stepstone.jobs")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+Emit = Callable[[str, str, dict, Optional[dict]], None]
+
+
+def default_store_dir() -> Path:
+    """``$STEPSTONE_STORE_DIR``, else ``$STEPSTONE_RUNTIME_DIR/jobs``, else ``$XDG_DATA_HOME/stepstone/jobs``
+    (``~/.local/share/stepstone/jobs``): a folder that survives logouts, unlike the runtime folder."""
+    if os.environ.get("STEPSTONE_STORE_DIR"):
+        return Path(os.environ["STEPSTONE_STORE_DIR"]).expanduser()
+    if os.environ.get("STEPSTONE_RUNTIME_DIR"):
+        return Path(os.environ["STEPSTONE_RUNTIME_DIR"]).expanduser() / "jobs"
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "stepstone" / "jobs"
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a mesh slot name."""
+    s = _SAFE.sub("_", name).strip("._") or "result"
+    return s[:80]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    """One job: its request, its state and where it stands."""
+
+    id: str
+    workflow: str
+    params: dict
+    inputs: list = field(default_factory=list)
+    owner: Optional[str] = None  # client id that submitted it
+    ref: str = ""  # the submit message id
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    error: Optional[dict] = None  # {"code", "message"}
+    results: list = field(default_factory=list)  # [{"name", "file", "vertices", "faces", "info"}]
+    backend_id: str = ""
+    seq: int = 0
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+    def summary(self) -> dict:
+        return {
+            "job": self.id,
+            "workflow": self.workflow,
+            "state": self.state,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+            "results": [r["name"] for r in self.results],
+            "backend_id": self.backend_id,
+            "params": self.params,
+        }
+
+
+class JobStore:
+    """The on-disk side of jobs (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dir(self, job_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
+            raise InputError(f"malformed job id {job_id!r}")
+        return self.root / job_id
+
+    def create(self, job: Job) -> None:
+        d = self.dir(job.id)
+        d.mkdir(parents=True, exist_ok=False)
+        request = {
+            "job": job.id,
+            "workflow": job.workflow,
+            "params": job.params,
+            "owner": job.owner,
+            "ref": job.ref,
+            "created": job.created,
+            "backend_id": job.backend_id,
+            "inputs": [
+                {"name": m.name, "matrix_world": None if m.matrix_world is None else np.asarray(m.matrix_world).tolist()}
+                for m in job.inputs
+            ],
+        }
+        _write_json_atomic(d / "request.json", request)
+        if job.inputs:
+            arrays = {}
+            for i, m in enumerate(job.inputs):
+                arrays[f"{i}_vertices"] = m.vertices
+                arrays[f"{i}_faces"] = m.faces
+                if m.colors is not None:
+                    arrays[f"{i}_colors"] = m.colors
+            np.savez(d / "inputs.npz", **arrays)
+        self.write_status(job)
+        self.log(job.id, {"event": "state", "state": job.state})
+
+    def write_status(self, job: Job) -> None:
+        status = job.summary()
+        status["results"] = job.results
+        _write_json_atomic(self.dir(job.id) / "status.json", status)
+
+    def log(self, job_id: str, record: dict) -> None:
+        record = {"t": time.time(), **record}
+        with open(self.dir(job_id) / "events.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+    def write_mesh(self, job: Job, ev: MeshUpdate) -> dict:
+        from backend.geometry.io import export_mesh
+
+        fname = safe_name(ev.name) + ".glb"
+        export_mesh(self.dir(job.id) / fname, ev.vertices, ev.faces, ev.colors)
+        return {"name": ev.name, "file": fname, "vertices": int(len(ev.vertices)), "faces": int(len(ev.faces)),
+                "info": _jsonable(ev.info)}
+
+    def write_image(self, job: Job, index: int, im: Image) -> str:
+        fname = f"image_{index:03d}_{safe_name(im.label)[:40]}.png"
+        (self.dir(job.id) / fname).write_bytes(im.png)
+        return fname
+
+    def load_all(self) -> list[Job]:
+        jobs = []
+        for d in sorted(self.root.iterdir()):
+            st = d / "status.json"
+            if not st.is_file():
+                continue
+            try:
+                s = json.loads(st.read_text(encoding="utf-8"))
+                job = Job(id=s["job"], workflow=s["workflow"], params=s.get("params") or {}, state=s["state"],
+                          created=s.get("created") or 0.0, started=s.get("started"), finished=s.get("finished"),
+                          error=s.get("error"), results=s.get("results") or [], backend_id=s.get("backend_id", ""))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("skipping unreadable job folder %s: %s", d, exc)
+                continue
+            jobs.append(job)
+        return jobs
+
+    def load_result(self, job: Job) -> list[tuple[dict, MeshInput]]:
+        from backend.geometry.io import load_mesh
+
+        out = []
+        for r in job.results:
+            path = self.dir(job.id) / r["file"]
+            out.append((r, load_mesh(path, name=r["name"])))
+        return out
+
+
+def _jsonable(info: dict) -> dict:
+    out = {}
+    for k, v in (info or {}).items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist() if v.size <= 64 else f"<array {v.shape}>"
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            v = repr(v)
+        out[str(k)] = v
+    return out
+
+
+class JobManager:
+    """Queue + one worker thread; see the module docstring.
+
+    ``profile`` is a :class:`backend.models.registry.Profile` (or None for workflows that need no models).
+    """
+
+    def __init__(self, store: JobStore, *, profile: Any, device: str, backend_id: str, emit: Emit,
+                 seed: int = 0) -> None:
+        self.store = store
+        self.profile = profile
+        self.device = device
+        self.backend_id = backend_id
+        self.emit = emit
+        self.seed = seed
+        self.jobs: dict[str, Job] = {}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._current: Optional[Job] = None
+        self._reload()
+        self._worker = threading.Thread(target=self._work, name="stepstone-gpu-worker", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------------------------ store
+    def _reload(self) -> None:
+        for job in self.store.load_all():
+            if job.state not in TERMINAL:
+                old = job.backend_id or "unknown"
+                job.state = FAILED
+                job.finished = time.time()
+                job.error = {
+                    "code": "backend_restarted",
+                    "message": f"the backend (run {old}) stopped before this job finished; submit it again",
+                }
+                self.store.write_status(job)
+                self.store.log(job.id, {"event": "state", "state": FAILED, "error": job.error})
+                log.info("job %s of a previous run marked failed", job.id)
+            self.jobs[job.id] = job
+        if self.jobs:
+            log.info("job store %s: %d jobs reloaded", self.store.root, len(self.jobs))
+
+    # ------------------------------------------------------------------------------------------------ API
+    def validate(self, workflow: str, params: dict, inputs: list[MeshInput]) -> dict:
+        """Import the workflow, check the profile can run it, and return its normalised params (or raise)."""
+        from backend.pipelines import get_workflow
+
+        try:
+            wf = get_workflow(workflow)
+        except ImportError as exc:
+            raise ModelUnavailable(f"workflow {workflow!r} is not available in this build ({exc})") from None
+        if self.profile is not None:
+            caps = self.profile.capabilities().get(workflow)
+            if caps is not None and not caps.get("available", True):
+                raise ModelUnavailable(
+                    f"workflow {workflow!r} cannot run with profile {getattr(self.profile, 'name', '?')!r}: "
+                    f"{caps.get('reason', '')}"
+                )
+        if not isinstance(params, dict):
+            raise InputError("params must be a JSON object")
+        return wf.validate(dict(params), inputs)
+
+    def submit(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
+               ref: str = "") -> Job:
+        """Validate and queue a job (raises StepstoneError when it cannot run). Its folder exists on return."""
+        params = self.validate(workflow, params, inputs)
+        with self._cv:
+            if self._stopping:
+                raise StepstoneError("the backend is shutting down; submit again after it restarts",
+                                     code="shutting_down")
+            job = Job(id=new_job_id(), workflow=workflow, params=params, inputs=list(inputs), owner=owner, ref=ref,
+                      backend_id=self.backend_id)
+            self.store.create(job)
+            self.jobs[job.id] = job
+            self._queue.append(job)
+            self._cv.notify_all()
+        log.info("job %s queued: %s %s", job.id, workflow, _short(params))
+        return job
+
+    def position(self, job: Job) -> int:
+        with self._cv:
+            try:
+                return list(self._queue).index(job) + (1 if self._current is not None else 0)
+            except ValueError:
+                return 0
+
+    def get(self, job_id: str) -> Optional[Job]:
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[dict]:
+        with self._cv:
+            return [j.summary() for j in sorted(self.jobs.values(), key=lambda j: (j.created, j.id))]
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> str:
+        """Cancel in any state. Returns ``"cancelled"`` (was queued; ended now), ``"cancelling"`` (running: ends
+        at the pipeline's next check point) or ``"finished"`` (it had already ended; nothing changes). Unknown ids
+        raise InputError."""
+        with self._cv:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise InputError(f"no job with id {job_id!r} (list the jobs to see which exist)")
+            if job.state == QUEUED:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
+                self._finish(job, CANCELLED, reason=reason)
+                return CANCELLED
+            if job.state == RUNNING:
+                job.cancel.cancel(reason)
+                return "cancelling"
+            return "finished"
+
+    def shutdown(self, reason: str = "the backend was shut down before this job finished",
+                 timeout_s: float = 10.0) -> None:
+        """Stop accepting work, fail queued jobs, stop the running one and join the worker."""
+        with self._cv:
+            self._stopping = True
+            while self._queue:
+                job = self._queue.popleft()
+                self._finish(job, FAILED, error={"code": "backend_shutdown", "message": reason})
+            if self._current is not None:
+                self._current.cancel.cancel(reason)
+            self._cv.notify_all()
+        self._worker.join(timeout_s)
+        if self._worker.is_alive():
+            log.warning("the running job did not stop within %.0f s", timeout_s)
+            cur = self._current
+            if cur is not None:
+                with self._cv:
+                    self._finish(cur, FAILED, error={"code": "backend_shutdown", "message": reason})
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._cv:
+                if not self._queue and self._current is None:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    # ------------------------------------------------------------------------------------------------ worker
+    def _finish(self, job: Job, state: str, *, error: Optional[dict] = None, reason: str = "") -> bool:
+        """Move ``job`` to a terminal state exactly once, persist it, then emit the terminal event."""
+        if job.state in TERMINAL:
+            return False
+        job.state = state
+        job.finished = time.time()
+        job.error = error
+        job.inputs = []
+        try:
+            self.store.write_status(job)
+            self.store.log(job.id, {"event": "state", "state": state, "error": error, "reason": reason})
+        except OSError as exc:  # the store is full or gone: still tell the client
+            log.error("could not persist job %s: %s", job.id, exc)
+        if state == DONE:
+            elapsed = (job.finished - job.started) if job.started else 0.0
+            self.emit(job.id, P.DONE, {"job": job.id, "results": [r["name"] for r in job.results],
+                                       "elapsed_s": elapsed}, None)
+        elif state == CANCELLED:
+            self.emit(job.id, P.CANCELLED, {"job": job.id, "reason": reason}, None)
+        else:
+            self.emit(job.id, P.FAILED, {"job": job.id, **(error or {"code": "error", "message": "failed"})}, None)
+        log.info("job %s %s%s", job.id, state, f": {error['message']}" if error else "")
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._current = job
+                job.state = RUNNING
+                job.started = time.time()
+                self.store.write_status(job)
+                self.store.log(job.id, {"event": "state", "state": RUNNING})
+            try:
+                self._run(job)
+            finally:
+                with self._cv:
+                    self._current = None
+
+    def _run(self, job: Job) -> None:
+        from backend.pipelines import get_workflow
+
+        seed = job.params.get("seed")
+        ctx = JobContext(profile=self.profile, device=self.device, cancel=job.cancel,
+                         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else self.seed,
+                         workdir=str(self.store.dir(job.id) / "work"))
+        gen = None
+        n_images = 0
+        try:
+            wf = get_workflow(job.workflow)
+            gen = wf.run(job.params, job.inputs, ctx)
+            for ev in gen:
+                job.cancel.check()
+                if isinstance(ev, Progress):
+                    fields = {"job": job.id, "stage": ev.stage, "step": int(ev.step), "total": int(ev.total),
+                              "message": ev.message}
+                    self.store.log(job.id, {"event": "progress", **fields})
+                    self.emit(job.id, P.PROGRESS, fields, None)
+                elif isinstance(ev, MeshUpdate):
+                    job.seq += 1
+                    arrays = as_mesh_arrays(ev.vertices, ev.faces, ev.colors, ev.normals)
+                    info = _jsonable(ev.info)
+                    fields = {"job": job.id, "seq": job.seq, "final": bool(ev.final), "name": ev.name, "info": info}
+                    self.emit(job.id, P.MESH, fields, arrays)
+                    if ev.final:
+                        rec = self.store.write_mesh(job, ev)  # on disk before `done`
+                        job.results = [r for r in job.results if r["name"] != ev.name] + [rec]
+                        self.store.write_status(job)
+                    self.store.log(job.id, {"event": "mesh", "seq": job.seq, "name": ev.name, "final": ev.final,
+                                            "vertices": len(ev.vertices), "faces": len(ev.faces), "info": info})
+                elif isinstance(ev, Image):
+                    fname = self.store.write_image(job, n_images, ev)
+                    n_images += 1
+                    self.store.log(job.id, {"event": "image", "label": ev.label, "file": fname})
+                    self.emit(job.id, P.IMAGE, {"job": job.id, "label": ev.label},
+                              {"png": np.frombuffer(ev.png, dtype=np.uint8)})
+                else:
+                    log.warning("job %s: ignoring unknown event %r", job.id, type(ev).__name__)
+            job.cancel.check()
+        except Cancelled as exc:
+            with self._cv:
+                if self._stopping:
+                    self._finish(job, FAILED, error={"code": "backend_shutdown", "message": exc.message})
+                else:
+                    self._finish(job, CANCELLED, reason=exc.message)
+            return
+        except StepstoneError as exc:
+            with self._cv:
+                self._finish(job, FAILED, error={"code": exc.code, "message": exc.message})
+            return
+        except Exception as exc:  # a bug: the artist gets a message, the log gets the traceback
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            with self._cv:
+                self._finish(job, FAILED, error={"code": "internal",
+                                                 "message": f"internal error ({type(exc).__name__}: {exc}); "
+                                                            "see the backend log"})
+            return
+        finally:
+            if gen is not None and hasattr(gen, "close"):
+                try:
+                    gen.close()
+                except Exception:  # pragma: no cover - a generator failing in its cleanup
+                    log.exception("job %s: error while closing the pipeline", job.id)
+        with self._cv:
+            self._finish(job, DONE)
+
+
+def _short(params: dict, n: int = 200) -> str:
+    s = json.dumps(params, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."

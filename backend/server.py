@@ -1,0 +1,535 @@
+"""``python -m backend serve``: the ZeroMQ job server (transport only; the work is in :mod:`backend.jobs`).
+
+One ROUTER socket, one thread for all socket I/O (ZeroMQ sockets are not thread-safe), one GPU worker thread in
+the :class:`~backend.jobs.JobManager`. The loop
+
+* authenticates every message (HMAC-SHA256 over the header, replay window; see :mod:`shared.protocol`) and
+  answers a bad one with an ``error`` (then keeps serving);
+* keeps a session per client id (the ``hello``'s ``client``), so a client that reconnects gets its jobs'
+  events again; a job's events fan out to its owner and to every session that ``fetch``-ed it while it ran;
+* queues job events per session in an outbox with credit-based flow control (ZeroMQ Guide ch. 7): at most
+  ``credit`` bytes are in flight until the client gives them back; intermediate meshes of one (job, name) and
+  progress of one job coalesce in the outbox (newest wins); finals and terminal events are never dropped;
+* sends heartbeats to each session and forgets sessions that stay silent (their jobs go on; results are on disk).
+
+Binding anything other than loopback needs ``--allow-remote``, and then CurveZMQ encrypts every frame (the server
+public key goes into the connection file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket as pysocket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import zmq
+
+from backend.errors import InputError, StepstoneError
+from backend.events import MeshInput
+from backend.jobs import DONE, TERMINAL, JobManager, JobStore, default_store_dir
+from shared import protocol as P
+from shared.client import DEFAULT_CREDIT, FLOW_KINDS
+from shared.connection import default_connection_file, remove_connection_file, write_connection_file
+from shared.mesh import MeshError, validate_mesh
+
+log = logging.getLogger("stepstone.server")
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+MAX_CREDIT = 1024 * 1024 * 1024
+MIN_CREDIT = 64 * 1024
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks a free port
+    connection_file: Optional[Path] = None
+    profile: Optional[str] = None
+    device: str = "auto"
+    store: Optional[Path] = None
+    heartbeat_s: float = 1.0
+    session_timeout_s: float = 60.0  # forget a client silent this long (its jobs go on)
+    allow_remote: bool = False
+    advertise: Optional[str] = None  # host name written into the connection file for remote clients
+    max_bytes: int = P.MAX_MESSAGE_BYTES
+    seed: int = 0
+
+
+@dataclass
+class _Out:
+    kind: str
+    fields: dict
+    arrays: Optional[dict]
+    key: Optional[tuple] = None  # coalescing key; None: never coalesced
+
+    @property
+    def size(self) -> int:
+        return 512 + sum(int(np.asarray(a).nbytes) for a in (self.arrays or {}).values())
+
+
+@dataclass
+class Session:
+    client: str
+    routing: bytes
+    name: str = "client"
+    credit: int = DEFAULT_CREDIT
+    in_flight: int = 0
+    outbox: list = field(default_factory=list)
+    last_heard: float = field(default_factory=time.monotonic)
+    last_sent: float = 0.0
+    coalesced: int = 0  # intermediate messages replaced by newer ones before they were sent
+
+    def enqueue(self, out: _Out) -> None:
+        """Append, coalescing: a newer intermediate replaces a queued one of the same key in place; a final mesh
+        removes queued intermediates of its (job, name)."""
+        if out.key is not None:
+            if out.key[0] == "final":
+                inter = ("mesh",) + out.key[1:]
+                before = len(self.outbox)
+                self.outbox = [o for o in self.outbox if o.key != inter]
+                self.coalesced += before - len(self.outbox)
+            else:
+                for i, o in enumerate(self.outbox):
+                    if o.key == out.key:
+                        self.outbox[i] = out
+                        self.coalesced += 1
+                        return
+        self.outbox.append(out)
+
+
+class Server:
+    """The job server; see the module docstring. ``run()`` blocks until :meth:`stop` (or a signal/shutdown)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.backend_id = uuid.uuid4().hex[:12]
+        self.key = P.new_key()
+        self._stop = threading.Event()
+        self.stop_reason = ""
+        self._events: "queue.Queue[tuple]" = queue.Queue()
+        self._local = threading.local()
+        self._sessions: dict[str, Session] = {}  # client id -> session
+        self._by_routing: dict[bytes, Session] = {}
+        self._watchers: dict[str, set[str]] = {}  # job id -> client ids that receive its events
+        self._ctx = zmq.Context()
+        self._wake_addr = f"inproc://stepstone-wake-{self.backend_id}"
+        self._main_thread = threading.get_ident()
+        self.address = ""
+        self.connection_file: Optional[Path] = None
+        self.curve_public: Optional[bytes] = None
+        self.profile: Any = None
+        self.device = "cpu"
+        self.manager: Optional[JobManager] = None
+        self.router: Optional[zmq.Socket] = None
+        self.decoder = P.Decoder(self.key, max_bytes=config.max_bytes, kinds=P.CLIENT_KINDS)
+
+    # ------------------------------------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Load the profile, open the job store, bind, and write the connection file."""
+        from backend.models.device import resolve_device
+        from backend.models.registry import load_profile
+
+        cfg = self.config
+        remote = cfg.host not in LOOPBACK
+        if remote and not cfg.allow_remote:
+            raise InputError(
+                f"binding {cfg.host} would expose the backend to the network; pass --allow-remote to do it on "
+                "purpose (CurveZMQ then encrypts every frame), or bind 127.0.0.1"
+            )
+        if remote and not zmq.has("curve"):
+            raise InputError("this pyzmq/libzmq has no CurveZMQ support, so a remote backend cannot be secured")
+        import backend.geometry.io  # noqa: F401  (trimesh is slow to import: not on the first job's clock)
+
+        self.device = resolve_device(cfg.device)
+        self.profile = load_profile(cfg.profile, device=self.device)
+        store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
+        self.manager = JobManager(store, profile=self.profile, device=self.device, backend_id=self.backend_id,
+                                  emit=self._emit, seed=cfg.seed)
+        self._wake_pull = self._ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_addr)
+        r = self._ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable (gone) peers raise instead of silently dropping
+        r.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        r.setsockopt(zmq.MAXMSGSIZE, cfg.max_bytes)
+        r.setsockopt(zmq.SNDHWM, 10000)
+        if remote:
+            pub, sec = zmq.curve_keypair()
+            r.curve_server = True
+            r.curve_secretkey = sec
+            r.curve_publickey = pub
+            self.curve_public = pub
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        if ":" in cfg.host:
+            r.setsockopt(zmq.IPV6, 1)
+        r.bind(f"tcp://{host}:{cfg.port or '*'}")
+        endpoint = r.getsockopt(zmq.LAST_ENDPOINT).decode()
+        port = int(endpoint.rsplit(":", 1)[1])
+        adv = cfg.advertise or (pysocket.gethostname() if cfg.host in ("0.0.0.0", "::", "*") else cfg.host)
+        self.address = f"tcp://{adv}:{port}" if remote else f"tcp://127.0.0.1:{port}"
+        self.router = r
+        self.connection_file = write_connection_file(
+            cfg.connection_file or default_connection_file(),
+            address=self.address, key=self.key, backend_id=self.backend_id, curve_server_key=self.curve_public,
+            extra={"profile": self.profile.name, "device": self.device, "store": str(store.root)},
+        )
+        log.info("backend %s (profile %s on %s) listening on %s; job store %s", self.backend_id,
+                 self.profile.name, self.device, self.address, store.root)
+
+    # ------------------------------------------------------------------------------------------------ events in
+    def _emit(self, job_id: str, kind: str, fields: dict, arrays: Optional[dict]) -> None:
+        """Called by the job manager (worker thread or this thread): queue the event and wake the loop."""
+        self._events.put((job_id, kind, fields, arrays))
+        if threading.get_ident() == self._main_thread:
+            return  # the loop drains the queue before it sleeps again
+        s = getattr(self._local, "wake", None)
+        if s is None:
+            s = self._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 1)
+            s.connect(self._wake_addr)
+            self._local.wake = s
+        try:
+            s.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is already pending
+
+    def _fan_out(self) -> None:
+        while True:
+            try:
+                job_id, kind, fields, arrays = self._events.get_nowait()
+            except queue.Empty:
+                return
+            key = None
+            if kind == P.MESH:
+                key = ("final" if fields.get("final") else "mesh", job_id, fields.get("name"))
+            elif kind == P.PROGRESS:
+                key = ("progress", job_id)
+            for client in self._watchers.get(job_id, ()):
+                sess = self._sessions.get(client)
+                if sess is not None:
+                    sess.enqueue(_Out(kind, fields, arrays, key))
+            if kind in P.TERMINAL_KINDS:
+                self._watchers.pop(job_id, None)
+
+    # ------------------------------------------------------------------------------------------------ sending
+    def _send_direct(self, routing: bytes, kind: str, fields: dict, arrays: Optional[dict] = None) -> bool:
+        assert self.router is not None
+        frames = P.encode(kind, fields, arrays, key=self.key)
+        try:
+            self.router.send_multipart([routing, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                sess = self._by_routing.get(routing)
+                if sess is not None:
+                    self._drop_session(sess, "its connection is gone")
+                return False
+            raise
+
+    def _flush(self, sess: Session) -> None:
+        """Send queued messages while the client has credit (always at least one when nothing is in flight)."""
+        assert self.router is not None
+        while sess.outbox:
+            out = sess.outbox[0]
+            if sess.in_flight > 0 and sess.in_flight + out.size > sess.credit:
+                return
+            frames = P.encode(out.kind, out.fields, out.arrays, key=self.key)
+            try:
+                self.router.send_multipart([sess.routing, *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self._drop_session(sess, "its connection is gone")
+                    return
+                raise
+            sess.outbox.pop(0)
+            sess.in_flight += sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+            sess.last_sent = time.monotonic()
+
+    def _drop_session(self, sess: Session, why: str) -> None:
+        log.info("session %s (%s) closed: %s", sess.client[:8], sess.name, why)
+        self._sessions.pop(sess.client, None)
+        if self._by_routing.get(sess.routing) is sess:
+            self._by_routing.pop(sess.routing, None)
+
+    # ------------------------------------------------------------------------------------------------ receiving
+    def _handle(self, frames: list) -> None:
+        routing = frames[0].bytes
+        try:
+            msg = self.decoder.decode(frames[1:])
+        except P.ProtocolError as exc:
+            log.warning("refused a message: %s", exc)
+            self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message})
+            return
+        if msg.kind == P.HELLO:
+            self._hello(routing, msg)
+            return
+        sess = self._by_routing.get(routing)
+        if sess is None:
+            self._send_direct(routing, P.ERROR, {"code": "no_session", "message": "say hello first", "ref": msg.id})
+            return
+        sess.last_heard = time.monotonic()
+        k = msg.kind
+        try:
+            if k == P.HEARTBEAT:
+                pass
+            elif k == P.CREDIT:
+                n = msg.fields.get("bytes", 0)
+                if isinstance(n, int) and n > 0:
+                    sess.in_flight = max(0, sess.in_flight - n)
+            elif k == P.PING:
+                self._send_direct(routing, P.PONG, {"ref": msg.id, "backend_id": self.backend_id})
+            elif k == P.SUBMIT:
+                self._submit(sess, msg)
+            elif k == P.CANCEL:
+                self._cancel(sess, msg)
+            elif k == P.LIST_JOBS:
+                assert self.manager is not None
+                sess.enqueue(_Out(P.JOBS, {"ref": msg.id, "jobs": self.manager.list()}, None))
+            elif k == P.FETCH:
+                self._fetch(sess, msg)
+            elif k == P.SHUTDOWN:
+                log.info("shutdown requested by client %s (%s)", sess.client[:8], sess.name)
+                self.stop("shutdown requested by a client")
+            elif k == P.BYE:
+                self._drop_session(sess, "said bye")
+        except StepstoneError as exc:
+            self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message, "ref": msg.id})
+
+    def _hello(self, routing: bytes, msg: P.Message) -> None:
+        client = msg.fields.get("client")
+        if not isinstance(client, str) or not client or len(client) > 128:
+            self._send_direct(routing, P.ERROR, {"code": "bad_hello", "message": "hello needs a client id"})
+            return
+        credit = msg.fields.get("credit", DEFAULT_CREDIT)
+        credit = int(min(max(credit if isinstance(credit, int) else DEFAULT_CREDIT, MIN_CREDIT), MAX_CREDIT))
+        sess = self._sessions.get(client)
+        if sess is None:
+            sess = Session(client=client, routing=routing)
+            self._sessions[client] = sess
+            log.info("session %s (%s) opened", client[:8], msg.fields.get("name", "client"))
+        elif sess.routing != routing:
+            self._by_routing.pop(sess.routing, None)
+        sess.routing = routing
+        sess.name = str(msg.fields.get("name", "client"))[:64]
+        sess.credit = credit
+        sess.in_flight = 0  # a new connection: whatever was in flight on the old one is gone
+        sess.last_heard = time.monotonic()
+        self._by_routing[routing] = sess
+        caps = self.profile.capabilities() if self.profile is not None else {}
+        self._send_direct(routing, P.WELCOME, {
+            "protocol": P.PROTOCOL_VERSION,
+            "backend_id": self.backend_id,
+            "profile": getattr(self.profile, "name", None),
+            "device": self.device,
+            "capabilities": caps,
+            "heartbeat_s": self.config.heartbeat_s,
+            "pid": os.getpid(),
+        })
+        sess.last_sent = time.monotonic()
+
+    def _inputs(self, msg: P.Message) -> list[MeshInput]:
+        descs = msg.fields.get("meshes") or []
+        if not isinstance(descs, list):
+            raise InputError("'meshes' must be a list")
+        inputs = []
+        for i, d in enumerate(descs):
+            if not isinstance(d, dict):
+                raise InputError(f"mesh {i}: description must be an object")
+            name = str(d.get("name") or f"mesh{i}")
+            v = msg.arrays.get(f"mesh{i}.vertices")
+            f = msg.arrays.get(f"mesh{i}.faces")
+            c = msg.arrays.get(f"mesh{i}.colors")
+            if v is None or f is None:
+                raise InputError(f"mesh {name!r}: vertices or faces missing from the message")
+            try:
+                validate_mesh(v, f, c, what=f"mesh {name!r}")
+            except MeshError as exc:
+                raise InputError(str(exc)) from None
+            mw = d.get("matrix_world")
+            if mw is not None:
+                try:
+                    mw = np.asarray(mw, dtype=np.float64).reshape(4, 4)
+                except (TypeError, ValueError):
+                    raise InputError(f"mesh {name!r}: matrix_world must be 16 numbers (row-major 4x4)") from None
+                if not np.isfinite(mw).all():
+                    raise InputError(f"mesh {name!r}: matrix_world has NaN or infinite entries")
+            # copy out of the ZeroMQ frame: the job outlives the message
+            inputs.append(MeshInput(name=name, vertices=np.array(v, np.float32), faces=np.array(f, np.uint32),
+                                    colors=None if c is None else np.array(c, np.uint8), matrix_world=mw))
+        return inputs
+
+    def _submit(self, sess: Session, msg: P.Message) -> None:
+        assert self.manager is not None
+        workflow = msg.fields.get("workflow")
+        params = msg.fields.get("params") or {}
+        try:
+            if not isinstance(workflow, str):
+                raise InputError("submit needs a 'workflow' name")
+            inputs = self._inputs(msg)
+            job = self.manager.submit(workflow, params, inputs, owner=sess.client, ref=msg.id)
+        except StepstoneError as exc:
+            log.info("rejected %s from %s: %s", workflow, sess.client[:8], exc.message)
+            sess.enqueue(_Out(P.REJECTED, {"ref": msg.id, "workflow": workflow, "code": exc.code,
+                                           "message": exc.message}, None))
+            return
+        # subscribe before the worker can emit anything about it: accepted is queued first
+        self._watchers.setdefault(job.id, set()).add(sess.client)
+        sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": msg.id, "workflow": workflow,
+                                       "position": self.manager.position(job)}, None))
+        self._fan_out()  # events the worker may already have queued come after `accepted`
+
+    def _cancel(self, sess: Session, msg: P.Message) -> None:
+        assert self.manager is not None
+        job_id = msg.fields.get("job")
+        if not isinstance(job_id, str):
+            raise InputError("cancel needs a 'job' id")
+        outcome = self.manager.cancel(job_id)
+        if outcome == "finished":
+            # it had already ended: nothing to cancel, and no second terminal event
+            state = self.manager.jobs[job_id].state
+            self._send_direct(sess.routing, P.ERROR, {"code": "already_finished", "ref": msg.id, "job": job_id,
+                                                      "message": f"job {job_id} had already ended ({state})"})
+
+    def _fetch(self, sess: Session, msg: P.Message) -> None:
+        assert self.manager is not None
+        job_id = msg.fields.get("job")
+        job = self.manager.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise InputError(f"no job with id {job_id!r} in this backend's store")
+        sess.enqueue(_Out(P.RESULT, {"ref": msg.id, "job": job.id, "summary": job.summary()}, None))
+        if job.state not in TERMINAL:
+            self._watchers.setdefault(job.id, set()).add(sess.client)
+            return
+        if job.state != DONE:
+            return
+        try:
+            stored = self.manager.store.load_result(job)
+        except StepstoneError as exc:
+            raise StepstoneError(f"job {job.id}: stored result unreadable: {exc.message}", code="store_error")
+        for seq, (rec, mesh) in enumerate(stored, start=1):
+            arrays = {"vertices": mesh.vertices, "faces": mesh.faces}
+            if mesh.colors is not None:
+                arrays["colors"] = mesh.colors
+            sess.enqueue(_Out(P.MESH, {"job": job.id, "seq": seq, "final": True, "name": rec["name"],
+                                       "info": rec.get("info", {}), "replay": True}, arrays))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def stop(self, reason: str = "stopped") -> None:
+        if not self._stop.is_set():
+            self.stop_reason = reason
+        self._stop.set()
+
+    def run(self) -> None:
+        assert self.router is not None and self.manager is not None
+        self._main_thread = threading.get_ident()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
+        hb = self.config.heartbeat_s
+        tick = max(10, int(hb * 1000 / 4))
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(tick))
+                if self._wake_pull in ready:
+                    while True:
+                        try:
+                            self._wake_pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                if self.router in ready:
+                    for _ in range(200):  # bounded so outgoing traffic is not starved
+                        try:
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if len(frames) < 2:
+                            continue
+                        self._handle(frames)
+                self._fan_out()
+                now = time.monotonic()
+                for sess in list(self._sessions.values()):
+                    if now - sess.last_heard > self.config.session_timeout_s:
+                        self._drop_session(sess, f"silent for {now - sess.last_heard:.0f} s")
+                        continue
+                    self._flush(sess)
+                    if now - sess.last_sent >= hb and sess.client in self._sessions:
+                        if self._send_direct(sess.routing, P.HEARTBEAT, {}):
+                            sess.last_sent = now
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        log.info("backend %s stopping: %s", self.backend_id, self.stop_reason or "stopped")
+        if self.manager is not None:
+            self.manager.shutdown()
+        # deliver the terminal events of jobs ended by the shutdown, best effort
+        self._fan_out()
+        for sess in list(self._sessions.values()):
+            self._flush(sess)
+            if sess.client in self._sessions:
+                self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"})
+        if self.connection_file is not None:
+            remove_connection_file(self.connection_file, self.backend_id)
+        if self.router is not None:
+            self.router.close(linger=500)
+        self._wake_pull.close(linger=0)
+        # the context is not terminated: the worker thread's wake socket may still exist; the process exits next
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m backend serve", description="Run the Stepstone job server.")
+    p.add_argument("--connection-file", type=Path, default=None,
+                   help="where to write the connection file (default: <runtime dir>/backend.json)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: chosen by the OS)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback interface; CurveZMQ then encrypts every frame")
+    p.add_argument("--advertise", default=None, help="host name remote clients use (written to the connection file)")
+    p.add_argument("--profile", default=None, help="model profile: starter (default), pretrained or tiny")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--store", type=Path, default=None, help="job store folder (default: see docs)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = ServerConfig(host=args.host, port=args.port, connection_file=args.connection_file, profile=args.profile,
+                       device=args.device, store=args.store, heartbeat_s=args.heartbeat,
+                       allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed)
+    server = Server(cfg)
+    try:
+        server.start()
+    except StepstoneError as exc:
+        print(f"error ({exc.code}): {exc.message}", flush=True)
+        return 2
+    except zmq.ZMQError as exc:
+        print(f"error: cannot bind {cfg.host}:{cfg.port or 'any'}: {exc}; pick another --port", flush=True)
+        return 2
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        server.stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    print(f"Stepstone backend {server.backend_id} listening on {server.address}", flush=True)
+    print(f"connection file: {server.connection_file}", flush=True)
+    server.run()
+    print(f"Stepstone backend {server.backend_id} stopped ({server.stop_reason})", flush=True)
+    return 0
