@@ -1,0 +1,56 @@
+"""Sidebar inputs, stored per scene (``scene.stepstone``)."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+QUALITY = [
+    ("fast", "Fast", "ISS++ stage 1/2: CLIP -> mapper -> shape latent, with test-time fine-tuning"),
+    ("refined", "Refined", "Adds SDS refinement with a diffusion model (ISS++ Eq. 7); needs the diffusion model"),
+]
+STYLE_MODES = [
+    ("texture", "Texture", "Change colours only (ISS++ Sec. 3.3, CLIP guidance)"),
+    ("shape", "Shape and texture", "Change colours and geometry, kept near the source by the 3D prior loss"),
+    ("sds", "SDS", "Score distillation with a diffusion model (ISS++ Eq. 7)"),
+]
+
+
+class STEPSTONE_PG_settings(bpy.types.PropertyGroup):
+    # Generate from text
+    prompt: StringProperty(name="Prompt", default="a wooden chair",
+                           description="What to make, e.g. 'a red sports car'")
+    variants: IntProperty(name="Variants", default=1, min=1, max=16,
+                          description="How many different shapes (ISS++ Eq. 5 diversity); laid out on a grid")
+    quality: EnumProperty(name="Quality", items=QUALITY, default="fast")
+    seed: IntProperty(name="Seed", default=0, min=0, description="Same seed and prompt give the same result")
+    # Stylize selected
+    style: StringProperty(name="Style", default="made of rusty metal",
+                          description="Text that describes the new look, e.g. 'a golden statue'")
+    mode: EnumProperty(name="Mode", items=STYLE_MODES, default="texture")
+    strength: FloatProperty(name="Strength", default=0.5, min=0.0, max=1.0, subtype="FACTOR",
+                            description="How far the result may move from the source")
+    replace_source: BoolProperty(
+        name="Replace source mesh", default=False,
+        description="Put the result into the selected object's mesh data instead of a new object "
+                    "(the original mesh is kept in the file with a fake user)",
+    )
+    # Theme gallery
+    subjects: StringProperty(name="Subjects", default="",
+                             description="Optional, comma separated: what the new assets should be, e.g. 'tower, gate'")
+    count: IntProperty(name="Count", default=3, min=1, max=32, description="How many new assets")
+    spacing: FloatProperty(name="Grid spacing", default=1.5, min=0.1, max=100.0, unit="LENGTH",
+                           description="Distance between results on the grid")
+    show_finished: BoolProperty(name="Show finished jobs", default=True)
+
+
+classes = (STEPSTONE_PG_settings,)
+
+
+def register_props() -> None:
+    bpy.types.Scene.stepstone = PointerProperty(type=STEPSTONE_PG_settings)
+
+
+def unregister_props() -> None:
+    if hasattr(bpy.types.Scene, "stepstone"):
+        del bpy.types.Scene.stepstone
