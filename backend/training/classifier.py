@@ -1,0 +1,130 @@
+"""The independent quality classifier of ``bench quality`` (issue 9): category and colour from a render.
+
+It must not share anything with the guidance CLIP it judges, so it is a different architecture (a small
+convolutional network, not a ViT), trained with a different objective (cross-entropy on labels, not contrastive
+captions) from a different seed. It sees renders on white backgrounds (what the benchmark renders) and, half of
+the time, on random backgrounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend.models.io import load_weights, read_config, save_module
+from backend.training.clip_trainer import augment
+from backend.training.common import StepLogger, TrainResult, seed_everything
+from backend.training.dataset import StarterDataset
+from backend.training.world import CATEGORIES, COLOURS
+
+log = logging.getLogger(__name__)
+KIND = "classifier"
+
+
+@dataclass
+class ClassifierConfig:
+    image_size: int = 64
+    width: int = 32
+    n_categories: int = len(CATEGORIES)
+    n_colours: int = len(COLOURS)
+    steps: int = 600
+    batch_size: int = 96
+    lr: float = 2e-3
+    seed: int = 1234  # deliberately not the CLIP seed
+
+
+class ShapeClassifier(nn.Module):
+    """Four conv blocks (conv-BN-ReLU, stride 2) -> global average pool -> category and colour logits."""
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        layers, c_in = [], 3
+        for c_out in (w, 2 * w, 4 * w, 4 * w):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.category = nn.Linear(c_in, cfg.n_categories)
+        self.colour = nn.Linear(c_in, cfg.n_colours)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> (category logits (B, C), colour logits (B, K))."""
+        if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
+            images = nn.functional.interpolate(images, size=(self.cfg.image_size, self.cfg.image_size),
+                                               mode="bilinear", antialias=True, align_corners=False)
+        h = self.features(images * 2 - 1).mean((-2, -1))
+        return self.category(h), self.colour(h)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[list[str], list[str]]:
+        """Names of the most likely category and colour for each image (views of one shape: average first)."""
+        self.eval()
+        cat, col = self(images)
+        return [CATEGORIES[i] for i in cat.argmax(-1).tolist()], [COLOURS[i] for i in col.argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def predict_shape(self, views: torch.Tensor) -> tuple[str, str]:
+        """One (category, colour) for several views (V, 3, H, W) of one object: mean of the softmaxes."""
+        self.eval()
+        cat, col = self(views)
+        return CATEGORIES[int(cat.softmax(-1).mean(0).argmax())], COLOURS[int(col.softmax(-1).mean(0).argmax())]
+
+    def save(self, directory: str | Path) -> Path:
+        return save_module(self, self.cfg, KIND, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "ShapeClassifier":
+        hint = "Run `python -m backend train classifier`."
+        cfg = read_config(directory, KIND, ClassifierConfig, fetch_hint=hint)
+        return load_weights(cls(cfg), directory, KIND, device=device, fetch_hint=hint)
+
+
+def train_classifier(data: StarterDataset, cfg: ClassifierConfig, device: str = "cpu",
+                     out_dir: str | Path | None = None) -> TrainResult:
+    """Cross-entropy on (render -> category, colour) of the training split."""
+    seed_everything(cfg.seed)
+    model = ShapeClassifier(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    rng = np.random.default_rng(cfg.seed)
+    n, v = len(data), data.n_views
+    cat_t = torch.as_tensor(data.category.astype(np.int64))
+    col_t = torch.as_tensor(data.colour.astype(np.int64))
+    result = TrainResult("classifier")
+    logger = StepLogger(result, cfg.steps)
+    ce = nn.CrossEntropyLoss()
+    for step in range(cfg.steps):
+        idx = rng.integers(0, n, size=cfg.batch_size)
+        views = rng.integers(0, v, size=cfg.batch_size)
+        imgs = augment(data.rgb[idx, views], data.mask[idx, views], rng, 0.5, 3).to(device)
+        cl, kl = model(imgs)
+        loss = ce(cl, cat_t[idx].to(device)) + ce(kl, col_t[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        logger(step, loss.item())
+    result = logger.finish()
+    model.eval()
+    if out_dir is not None:
+        result.out_dir = str(model.save(out_dir))
+    return result
+
+
+@torch.no_grad()
+def accuracy(model: ShapeClassifier, data: StarterDataset, device: str = "cpu") -> tuple[float, float]:
+    """Per-shape category and colour accuracy on a data set (all views, white background)."""
+    model.eval()
+    hits_c = hits_k = 0
+    for i in range(len(data)):
+        views = torch.from_numpy(data.rgb[i].astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(device)
+        c, k = model.predict_shape(views)
+        hits_c += c == CATEGORIES[int(data.category[i])]
+        hits_k += k == COLOURS[int(data.colour[i])]
+    return hits_c / max(1, len(data)), hits_k / max(1, len(data))
