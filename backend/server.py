@@ -183,6 +183,7 @@ class Server:
             address=self.address, key=self.key, backend_id=self.backend_id, curve_server_key=self.curve_public,
             extra={"profile": self.profile.name, "device": self.device, "store": str(store.root)},
         )
+        threading.Thread(target=_warm_up, name="stepstone-warm-up", daemon=True).start()
         log.info("backend %s (profile %s on %s) listening on %s; job store %s", self.backend_id,
                  self.profile.name, self.device, self.address, store.root)
 
@@ -491,6 +492,17 @@ class Server:
         # the context is not terminated: the worker thread's wake socket may still exist; the process exits next
 
 
+def _warm_up() -> None:
+    """Import the workflow modules in the background, so the first submit of each does not stall the loop."""
+    from backend.pipelines import WORKFLOWS, get_workflow
+
+    for name in WORKFLOWS:
+        try:
+            get_workflow(name)
+        except Exception as exc:  # a workflow still missing from this build: reported when submitted
+            log.debug("workflow %s not importable: %s", name, exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend serve", description="Run the Stepstone job server.")
     p.add_argument("--connection-file", type=Path, default=None,
@@ -505,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=None, help="job store folder (default: see docs)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-message-mb", type=float, default=P.MAX_MESSAGE_BYTES / 2**20,
+                   help="largest message accepted, in MiB (default %(default).0f)")
     return p
 
 
@@ -512,7 +526,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = ServerConfig(host=args.host, port=args.port, connection_file=args.connection_file, profile=args.profile,
                        device=args.device, store=args.store, heartbeat_s=args.heartbeat,
-                       allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed)
+                       allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed,
+                       max_bytes=int(args.max_message_mb * 2**20))
     server = Server(cfg)
     try:
         server.start()

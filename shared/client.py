@@ -249,8 +249,13 @@ class Client:
         sock = self._sock
         assert sock is not None
         self._try_hello()
-        deadline = now + max(0.0, time_budget_s)
         wait = int(timeout_ms) if not out else 0
+        while self._hello_pending and wait > 0:  # the TCP connection is not up yet: retry the hello briefly
+            time.sleep(min(0.01, wait / 1000.0))
+            wait -= 10
+            self._try_hello()
+        wait = max(wait, 0)
+        deadline = time.monotonic() + max(0.0, time_budget_s)
         while True:
             if not sock.poll(wait, zmq.POLLIN):
                 break
@@ -260,7 +265,7 @@ class Client:
             except zmq.Again:
                 break
             self._handle(frames, out)
-            if time.monotonic() >= deadline:
+            if self._sock is not sock or time.monotonic() >= deadline:
                 break
         self._housekeeping(out)
         return out

@@ -14,6 +14,7 @@ import time
 from typing import Iterator
 
 import numpy as np
+from skimage.measure import marching_cubes
 
 from backend.errors import InputError
 from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
@@ -77,8 +78,6 @@ def _normal_colors(normals: np.ndarray, t: float) -> np.ndarray:
 
 def marching_cubes_mesh(t: float, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mesh the zero level set of :func:`morph_sdf` at ``t`` in the unit cube [-0.5, 0.5]^3."""
-    from skimage.measure import marching_cubes
-
     lin = np.linspace(-0.5, 0.5, resolution, dtype=np.float32)
     grid = np.stack(np.meshgrid(lin, lin, lin, indexing="ij"), axis=-1)
     vol = morph_sdf(grid, t)
