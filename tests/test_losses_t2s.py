@@ -176,3 +176,16 @@ def test_sds_rejects_bad_range():
     bundle = _tiny_pixel_bundle()
     with pytest.raises(ValueError, match="t_range"):
         sds_loss(bundle, torch.rand(1, 3, 8, 8), torch.randn(1, 4, 8), t_range=(0.9, 0.1))
+
+
+def test_sds_with_project_diffusion_bundle():
+    from backend.models.diffusion import DiffusionBundle
+
+    bundle = DiffusionBundle.tiny()
+    cond, uncond = bundle.encode_prompt(["a chair"]), bundle.encode_prompt([""])
+    images = torch.rand(2, 3, 24, 24, requires_grad=True)
+    terms = sds_terms(bundle, images, cond, uncond, 10.0, (0.5, 0.5), torch.Generator().manual_seed(1))
+    assert (terms["t"] == int(0.5 * bundle.num_train_timesteps)).all()
+    loss = sds_loss(bundle, images, cond, uncond, 10.0, (0.02, 0.98), torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0

@@ -14,9 +14,10 @@ The returned scalar is ``0.5 * ||z_0 - stopgrad(z_0 - grad)||^2`` summed over th
 ``z_0`` is exactly ``w(t)(eps_hat - eps)`` per image and autograd carries it through the VAE encoder (if any) and
 the resize back to the images and on to the renderer's parameters.
 
-The *bundle* is duck-typed: any object with ``unet`` (diffusers ``UNet2DConditionModel``-like: ``unet(z, t,
-encoder_hidden_states=...).sample``), ``scheduler`` (with ``alphas_cumprod`` and ``add_noise``) and optionally
-``vae`` (``AutoencoderKL``-like); an optional ``resolution`` attribute overrides the image size.
+The *bundle* is :class:`backend.models.diffusion.DiffusionBundle` (its ``to_model_space`` and ``predict_noise``
+handle VAE, dtype, CPU offload and v-prediction models) or, duck-typed, any object with ``unet`` (diffusers
+``UNet2DConditionModel``-like), ``scheduler`` (``alphas_cumprod``, ``add_noise``, ``config.num_train_timesteps``)
+and optionally ``vae`` (``AutoencoderKL``-like); an optional ``resolution`` attribute overrides the image size.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def model_resolution(bundle: Any) -> int:
 
 
 def _encode(bundle: Any, images: Tensor) -> Tensor:
+    if hasattr(bundle, "to_model_space"):
+        return bundle.to_model_space(images)
     res = model_resolution(bundle)
     x = images
     if x.shape[-2:] != (res, res):
@@ -110,6 +113,10 @@ def sds_terms(
     unet_dtype = next(unet.parameters()).dtype
     with torch.no_grad():
         z_t = scheduler.add_noise(latents.detach(), noise, t)
+        if hasattr(bundle, "predict_noise"):
+            eps_hat = bundle.predict_noise(z_t, t, cond, uncond, float(guidance_scale)).to(latents.dtype)
+            grad = torch.nan_to_num(w.view(-1, *([1] * (latents.ndim - 1))) * (eps_hat - noise))
+            return {"latents": latents, "grad": grad, "t": t, "w": w}
         cond_e = _expand(cond.to(dev, unet_dtype), b)
         if uncond is not None and guidance_scale != 1.0:
             uncond_e = _expand(uncond.to(dev, unet_dtype), b)
