@@ -115,4 +115,11 @@ class SVRModel(nn.Module):
         with deterministic(seed):
             m = cls(SVRConfig(image_size=32, encoder_widths=(8, 16), latent_dim=16, decoder_hidden=32,
                               decoder_blocks=2, pe_freqs=0))
+            # A random decoder is inside (or outside) everywhere; shift its occupancy bias so that about a third of
+            # the cube is inside at z = 0: the tiny shape then has a surface to render and mesh (text-to-shape tests).
+            with torch.no_grad():
+                from backend.fields.grid import grid_points
+
+                logits, _ = m.decoder(grid_points(12).reshape(1, -1, 3), torch.zeros(1, m.latent_dim))
+                m.decoder.fc_out.bias[0] -= torch.quantile(logits.flatten(), 0.67)
         return m.to(device).eval()
