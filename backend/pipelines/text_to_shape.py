@@ -1,0 +1,436 @@
+"""Workflow "text-to-shape": ISS++ two-stage alignment, diversity, SDS refinement, and the Dream3D route.
+
+Paper 000 (ISS++): the CLIP text feature f_T goes through the stage-1 mapper M to an SVR shape latent; stage 2
+fine-tunes a copy M' per prompt with the CLIP consistency loss (Eq. 4) and the background loss (Eq. 3) on m random
+views (Sec. 3.3.2); N variants blend diffusion-prior samples into the target (Eq. 5, tau); quality "refined"
+fine-tunes the decoder with score distillation (Sec. 3.4.2, Eq. 7). Paper 001 (Dream3D): ``method="dream3d"``
+takes the stage-2 shape (or, with ``shape_prior="image"``, a text -> rendering-style image -> shape prior) as the
+3D shape prior, initialises a density grid by Eq. 9 and optimises it with CLIP (Eq. 1), random backgrounds, the
+transmittance loss and the shape-prior-preserving loss (Eq. 4). The stages live in
+:mod:`backend.pipelines.iss_stages` and :mod:`backend.pipelines.dream3d`.
+
+Events: ``Progress`` every iteration (stages "align", "refine", "dream3d"), an intermediate ``MeshUpdate`` every
+``preview_every`` iterations (marching cubes at ``preview_resolution``), one final ``MeshUpdate`` per variant
+(name ``variant_<k>``) at ``resolution`` with vertex colours; ``ctx.cancel.check()`` at every iteration.
+
+Prompts: surrounding whitespace and control characters are removed and the text is NFC-normalised; an empty prompt
+is an :class:`InputError`; prompts longer than :data:`MAX_PROMPT_CHARS` characters are rejected with an
+InputError that says so (a 10,000-character prompt is far beyond what CLIP reads); a prompt within the limit but
+longer than CLIP's context (77 tokens) is truncated by the tokenizer, and the run says so in a Progress message
+and in the final meshes' ``info`` ("prompt_truncated"). Non-ASCII text goes unchanged to open_clip's byte-level
+BPE tokenizer, which encodes every Unicode character (no unknown tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import re
+import unicodedata
+from dataclasses import replace
+from typing import Any, Iterator, Optional
+
+import torch
+
+from backend.errors import InputError, ModelUnavailable
+from backend.events import Event, Image, JobContext, MeshInput, MeshUpdate, Progress
+from backend.losses.clip_consistency import blend_target
+from backend.pipelines.dream3d import (
+    Dream3DConfig,
+    Dream3DOptimizer,
+    density_mesh,
+    image_shape_prior,
+    init_density_grid,
+    prior_sdf_from_decoder,
+)
+from backend.pipelines.iss_stages import (
+    SDSConfig,
+    SDSRefiner,
+    Stage2Aligner,
+    Stage2Config,
+    ViewConfig,
+    decoder_mesh,
+    sample_diversity_features,
+    stage1_latent,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "text-to-shape"
+MAX_PROMPT_CHARS = 1000  # far more than CLIP's 77 tokens can read; longer input is almost surely a paste error
+MAX_VARIANTS = 16
+QUALITIES = ("fast", "refined")
+METHODS = ("iss", "dream3d")
+SHAPE_PRIORS = ("iss", "image")
+
+DEFAULTS: dict[str, Any] = {
+    "variants": 1,
+    "seed": None,  # None: the job context's seed
+    "quality": "fast",
+    "method": "iss",
+    "shape_prior": "iss",
+    "tau": 0.5,  # ISS++ Eq. 5, Sec. 4.2
+    "iterations": None,  # stage-2 iterations (None: 20, Sec. 4.2)
+    "refine_iterations": None,  # SDS iterations (None: SDSConfig default)
+    "dream3d_iterations": None,  # Dream3D iterations (None: Dream3DConfig default)
+    "resolution": 128,  # marching cubes of the final mesh
+    "preview_resolution": 32,  # marching cubes of intermediate meshes
+    "preview_every": 5,  # iterations between intermediate meshes
+    "views": None,  # m (None: 10, Sec. 4.2)
+    "render_resolution": None,  # None: 90 (official ISS code)
+    "n_samples": None,  # samples per ray
+    "lr": None,  # stage-2 Adam learning rate (None: 1e-4)
+    "grid_resolution": None,  # Dream3D density grid (None: 64)
+}
+
+_INT_RANGES = {
+    "variants": (1, MAX_VARIANTS),
+    "iterations": (0, 1000),
+    "refine_iterations": (0, 10000),
+    "dream3d_iterations": (0, 20000),
+    "resolution": (16, 512),
+    "preview_resolution": (8, 256),
+    "preview_every": (1, 100000),
+    "views": (1, 64),
+    "render_resolution": (8, 512),
+    "n_samples": (2, 512),
+    "grid_resolution": (8, 256),
+}
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def normalize_prompt(prompt: Any) -> str:
+    """NFC-normalised prompt without control characters and outer whitespace; raises InputError if unusable."""
+    if not isinstance(prompt, str):
+        raise InputError("the prompt must be text, e.g. \"a red swivel chair\"")
+    text = unicodedata.normalize("NFC", prompt)
+    text = _CONTROL.sub(" ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text:
+        raise InputError("the prompt is empty; describe the shape to make, e.g. \"a red swivel chair\"")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"the prompt has {len(text):,} characters, more than the limit of {MAX_PROMPT_CHARS:,}; CLIP reads only "
+            "about the first 50-70 words, so shorten it to the words that describe the shape"
+        )
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help=f"what to make (at most {MAX_PROMPT_CHARS} characters)")
+    parser.add_argument("--variants", type=int, default=1, help="number of different shapes (ISS++ Eq. 5)")
+    parser.add_argument("--quality", choices=QUALITIES, default="fast",
+                        help="fast: two-stage alignment; refined: + SDS refinement (needs a diffusion model)")
+    parser.add_argument("--method", choices=METHODS, default="iss",
+                        help="iss: ISS++; dream3d: ISS shape as prior, then Dream3D CLIP optimisation of a grid")
+    parser.add_argument("--shape-prior", choices=SHAPE_PRIORS, default="iss",
+                        help="Dream3D prior: iss (stage-2 shape) or image (text -> image -> shape)")
+    parser.add_argument("--tau", type=float, default=0.5, help="diversity vs. text consistency (Eq. 5), 0..1")
+    parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
+    parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
+    parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
+    parser.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution of the result")
+    parser.add_argument("--preview-every", type=int, default=5, help="iterations between intermediate meshes")
+    parser.add_argument("--views", type=int, default=None, help="views per stage-2 iteration (m, default 10)")
+    parser.add_argument("--render-resolution", type=int, default=None, help="render size for CLIP (default 90)")
+
+
+def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
+    params = {
+        "prompt": args.prompt,
+        "variants": args.variants,
+        "seed": getattr(args, "seed", None),
+        "quality": args.quality,
+        "method": args.method,
+        "shape_prior": args.shape_prior,
+        "tau": args.tau,
+        "iterations": args.iterations,
+        "refine_iterations": args.refine_iterations,
+        "dream3d_iterations": args.dream3d_iterations,
+        "resolution": args.resolution,
+        "preview_every": args.preview_every,
+        "views": args.views,
+        "render_resolution": args.render_resolution,
+    }
+    return params, []
+
+
+def _as_int(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    lo, hi = _INT_RANGES.get(name, (-(2 ** 63), 2 ** 63 - 1))
+    if not lo <= int(value) <= hi:
+        raise InputError(f"{name} must be between {lo} and {hi}, got {value}")
+    return int(value)
+
+
+def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict:
+    """Normalise and check the job parameters (no models are loaded); unknown keys are an InputError.
+
+    With ``profile`` also checks that the profile offers the chosen options (:func:`check_capabilities`).
+    """
+    if inputs:
+        raise InputError("text-to-shape takes no input meshes; deselect the objects or use stylize")
+    unknown = sorted(set(params) - set(DEFAULTS) - {"prompt"})
+    if unknown:
+        raise InputError(f"unknown text-to-shape option(s): {', '.join(unknown)}; known: prompt, "
+                         + ", ".join(DEFAULTS))
+    if "prompt" not in params:
+        raise InputError("text-to-shape needs a prompt, e.g. \"a red swivel chair\"")
+    out = dict(DEFAULTS)
+    out.update({k: v for k, v in params.items() if v is not None or k == "seed"})
+    out["prompt"] = normalize_prompt(params["prompt"])
+    for name in _INT_RANGES:
+        out[name] = _as_int(name, out.get(name))
+    if out["seed"] is not None:
+        out["seed"] = _as_int("seed", out["seed"])
+    for name, choices in (("quality", QUALITIES), ("method", METHODS), ("shape_prior", SHAPE_PRIORS)):
+        if out[name] not in choices:
+            raise InputError(f"{name} must be one of {', '.join(choices)}, got {out[name]!r}")
+    try:
+        tau = float(out["tau"])
+    except (TypeError, ValueError):
+        raise InputError(f"tau must be a number in [0, 1], got {out['tau']!r}") from None
+    if not 0.0 <= tau <= 1.0:
+        raise InputError(f"tau must lie in [0, 1] (0: follow the text only, 1: most diverse), got {tau}")
+    out["tau"] = tau
+    if out["lr"] is not None:
+        lr = float(out["lr"])
+        if not 0.0 < lr < 1.0:
+            raise InputError(f"lr must lie in (0, 1), got {lr}")
+        out["lr"] = lr
+    if profile is not None:
+        check_capabilities(out, profile)
+    return out
+
+
+def check_capabilities(params: dict, profile: Any) -> None:
+    """Raise :class:`ModelUnavailable` with the profile's own reason when it cannot run these options."""
+    caps = profile.capabilities().get(NAME, {})
+    if not caps.get("available", False):
+        raise ModelUnavailable(f"text-to-shape is not available with the {profile.name!r} profile: "
+                               f"{caps.get('reason', 'no reason given')}")
+    q = caps.get("options", {}).get("quality", {}).get(params["quality"], {"available": True})
+    if not q.get("available", True):
+        raise ModelUnavailable(f"quality {params['quality']!r} is not available with the {profile.name!r} profile "
+                               f"(it needs a text-to-image diffusion model for SDS): {q.get('reason', '')}")
+    if params["method"] == "dream3d" and params["shape_prior"] == "image":
+        missing = [k for k in ("diffusion", "svr") if not profile.component(k).present]
+        if missing:
+            reasons = "; ".join(profile.component(k).reason() for k in missing)
+            raise ModelUnavailable(f"the Dream3D image shape prior needs a text-to-image model and the SVR encoder: "
+                                   f"{reasons}")
+
+
+# --------------------------------------------------------------------------------------------- configs from params
+
+
+def stage2_config(params: dict) -> Stage2Config:
+    """Stage2Config (Sec. 4.2 defaults) with the job's overrides."""
+    cfg = Stage2Config()
+    view = cfg.view
+    if params.get("render_resolution"):
+        view = replace(view, resolution=params["render_resolution"])
+    if params.get("n_samples"):
+        view = replace(view, n_samples=params["n_samples"])
+    cfg = replace(cfg, view=view)
+    if params.get("iterations") is not None:
+        cfg = replace(cfg, iterations=params["iterations"])
+    if params.get("views"):
+        cfg = replace(cfg, views=params["views"])
+    if params.get("lr"):
+        cfg = replace(cfg, lr=params["lr"])
+    return cfg
+
+
+def sds_config(params: dict, view: ViewConfig) -> SDSConfig:
+    cfg = SDSConfig(view=view)
+    if params.get("refine_iterations") is not None:
+        cfg = replace(cfg, iterations=params["refine_iterations"])
+    if params.get("render_resolution"):
+        cfg = replace(cfg, resolution=params["render_resolution"])
+    if params.get("n_samples"):
+        cfg = replace(cfg, n_samples=params["n_samples"])
+    return cfg
+
+
+def dream3d_config(params: dict, view: ViewConfig) -> Dream3DConfig:
+    cfg = Dream3DConfig(view=view)
+    if params.get("dream3d_iterations") is not None:
+        cfg = replace(cfg, iterations=params["dream3d_iterations"])
+    if params.get("grid_resolution"):
+        cfg = replace(cfg, grid_resolution=params["grid_resolution"])
+    if params.get("render_resolution"):
+        cfg = replace(cfg, resolution=params["render_resolution"])
+    if params.get("views"):
+        cfg = replace(cfg, views=params["views"])
+    if params.get("n_samples"):
+        cfg = replace(cfg, n_samples=params["n_samples"])
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def prompt_truncation(clip: Any, prompt: str) -> Optional[str]:
+    """The part of ``prompt`` CLIP actually reads when it is longer than the context, else None."""
+    tok = getattr(clip, "_tokenizer", None)
+    if tok is None or not hasattr(tok, "encode"):
+        return None
+    ids = tok.encode(prompt)
+    room = int(getattr(clip, "context_length", 77)) - 2  # start and end tokens
+    if len(ids) <= room:
+        return None
+    return tok.decode(ids[:room]).strip()
+
+
+def _mesh_event(mesh, name: str, final: bool, info: dict) -> Optional[MeshUpdate]:
+    v, f, c = mesh
+    if len(f) == 0:
+        return None
+    return MeshUpdate(vertices=v, faces=f, colors=c, final=final, name=name, info=dict(info))
+
+
+def _png(image: torch.Tensor) -> bytes:
+    from PIL import Image as PILImage
+
+    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Event]:
+    """Generate ``variants`` shapes for the prompt; see the module docstring for the events."""
+    params = validate(params, inputs)
+    profile, device = ctx.profile, ctx.device
+    check_capabilities(params, profile)
+    seed = int(params["seed"] if params["seed"] is not None else ctx.seed)
+    n = params["variants"]
+    prompt = params["prompt"]
+    s2 = stage2_config(params)
+    total_align = s2.iterations
+
+    yield Progress("load", 0, 1, f"loading models ({profile.name})")
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    ctx.cancel.check()
+
+    info_base: dict[str, Any] = {"prompt": prompt, "seed": seed, "quality": params["quality"],
+                                 "method": params["method"], "tau": params["tau"]}
+    kept = prompt_truncation(clip, prompt)
+    if kept is not None:
+        info_base["prompt_truncated"] = True
+        msg = f"prompt longer than CLIP's {clip.context_length} tokens; it reads only: \"{kept}\""
+        log.warning(msg)
+        yield Progress("load", 0, 1, msg)
+    with torch.no_grad():
+        f_text = clip.encode_text([prompt]).to(device)
+
+    # ISS++ Eq. 5: one diffusion-prior sample per variant; without a prior, variants differ by their random views.
+    targets = [f_text[0]] * n
+    view_seeds = [seed] * n
+    tau = params["tau"]
+    if tau > 0 and n > 1:
+        prior_cap = profile.capabilities()[NAME]["options"].get("diversity", {}).get("prior", {})
+        if prior_cap.get("available", False):
+            yield Progress("diversity", 0, 1, "sampling the diffusion prior (ISS++ Eq. 5)")
+            f_ti = sample_diversity_features(profile.prior(), f_text[0], n, seed)
+            targets = [blend_target(f_text[0], f_ti[k], tau) for k in range(n)]
+        else:
+            yield Progress("diversity", 0, 1, "no diffusion prior in this profile: variants differ only by their "
+                           f"random views ({prior_cap.get('reason', '')})")
+            view_seeds = [seed + k for k in range(n)]
+    elif tau > 0 and profile.component("prior").present:
+        f_ti = sample_diversity_features(profile.prior(), f_text[0], 1, seed)
+        targets = [blend_target(f_text[0], f_ti[0], tau)]
+
+    bundle = None
+    if params["quality"] == "refined" or (params["method"] == "dream3d" and params["shape_prior"] == "image"):
+        yield Progress("load", 0, 1, "loading the text-to-image model")
+        bundle = profile.diffusion()
+
+    every = params["preview_every"]
+    for k in range(n):
+        name = f"variant_{k}"
+        gen = torch.Generator().manual_seed(view_seeds[k])
+        info = dict(info_base, variant=k)
+        decoder = svr.decoder
+        z = stage1_latent(mapper, f_text)
+        ctx.cancel.check()
+        preview = _mesh_event(decoder_mesh(decoder, z, params["preview_resolution"], device, allow_empty=True),
+                              name, False, dict(info, stage="stage-1"))
+        if preview is not None:
+            yield preview
+
+        # ---- stage 2 (ISS++ Sec. 3.3.2)
+        aligner = Stage2Aligner(mapper, decoder, clip, f_text, targets[k], s2, gen, device)
+        stage = f"align {k + 1}/{n}" if n > 1 else "align"
+        terms: dict[str, float] = {}
+        for i in range(total_align):
+            ctx.cancel.check()
+            terms = aligner.step()
+            yield Progress(stage, i + 1, total_align, " ".join(f"{a}={b:.4f}" for a, b in terms.items()))
+            if (i + 1) % every == 0 and i + 1 < total_align:
+                with torch.no_grad():
+                    z = aligner.latent()
+                ev = _mesh_event(decoder_mesh(decoder, z, params["preview_resolution"], device, allow_empty=True),
+                                 name, False, dict(info, stage="stage-2", iteration=i + 1))
+                if ev is not None:
+                    yield ev
+        with torch.no_grad():
+            z = aligner.latent().detach()
+        info.update({f"align_{a}": b for a, b in terms.items() if a in ("clip", "bg")})
+
+        # ---- SDS refinement (ISS++ Sec. 3.4.2)
+        if params["quality"] == "refined":
+            sc = sds_config(params, s2.view)
+            refiner = SDSRefiner(decoder, z, bundle, prompt, sc, gen, device)
+            stage = f"refine {k + 1}/{n}" if n > 1 else "refine"
+            for i in range(sc.iterations):
+                ctx.cancel.check()
+                t = refiner.step()
+                yield Progress(stage, i + 1, sc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
+                if (i + 1) % every == 0 and i + 1 < sc.iterations:
+                    ev = _mesh_event(decoder_mesh(refiner.decoder, z, params["preview_resolution"], device,
+                                                  allow_empty=True), name, False, dict(info, stage="refine"))
+                    if ev is not None:
+                        yield ev
+            decoder = refiner.decoder
+
+        if params["method"] != "dream3d":
+            ctx.cancel.check()
+            mesh = decoder_mesh(decoder, z, params["resolution"], device)
+            yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
+            continue
+
+        # ---- Dream3D route (paper 001, Sec. 3.1, appendix D)
+        dc = dream3d_config(params, s2.view)
+        if params["shape_prior"] == "image":
+            yield Progress("dream3d", 0, dc.iterations, "drawing a rendering-style image for the shape prior")
+            z, image = image_shape_prior(bundle, svr, prompt, gen)
+            yield Image(_png(image[0]), f"{name} shape prior image")
+            decoder = svr.decoder
+        ctx.cancel.check()
+        sdf = prior_sdf_from_decoder(decoder, z, dc.grid_resolution, device)
+        grid_field = init_density_grid(sdf, dc, device)
+        opt = Dream3DOptimizer(grid_field, sdf, clip, f_text, dc, gen, device)
+        stage = f"dream3d {k + 1}/{n}" if n > 1 else "dream3d"
+        for i in range(dc.iterations):
+            ctx.cancel.check()
+            t = opt.step()
+            yield Progress(stage, i + 1, dc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
+            if (i + 1) % every == 0 and i + 1 < dc.iterations:
+                ev = _mesh_event(density_mesh(grid_field, params["preview_resolution"], dc.surface_density, device,
+                                              allow_empty=True), name, False, dict(info, stage="dream3d"))
+                if ev is not None:
+                    yield ev
+        ctx.cancel.check()
+        mesh = density_mesh(grid_field, params["resolution"], dc.surface_density, device)
+        yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
