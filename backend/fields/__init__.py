@@ -15,6 +15,7 @@ from backend.fields.grid import (
     grid_points,
     sample_grid,
 )
+from backend.fields.sampling import field_color_fn, field_grid
 from backend.fields.sdf import DEFAULT_BETA, density_to_raw, inverse_softplus, sdf_to_density, sdf_to_raw_density
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "SDFGridField",
     "SphereField",
     "density_shift",
+    "field_color_fn",
+    "field_grid",
     "density_to_raw",
     "grid_points",
     "inverse_softplus",
