@@ -196,8 +196,11 @@ class DiffusionBundle:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         cfg = config or TinyDiffusionConfig()
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.mkdtemp(prefix="stepstone-tok-"))
-        tokenizer = build_clip_tokenizer(tok_dir)
+        if tokenizer_dir is not None:
+            tokenizer = build_clip_tokenizer(tokenizer_dir)
+        else:  # the tokenizer is read into memory, so its files can go at once
+            with tempfile.TemporaryDirectory(prefix="stepstone-tok-") as tmp:
+                tokenizer = build_clip_tokenizer(tmp)
         factor = 2 if cfg.latent else 1
         ch = cfg.block_out_channels
         with deterministic(cfg.seed):

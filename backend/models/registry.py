@@ -353,7 +353,7 @@ class Profile:
         st = self._require("diffusion")
         key = st.source + (json.dumps(options, sort_keys=True, default=str) if options else "")
         if self.name == "tiny":
-            return self._cached("diffusion", "tiny" + key, lambda: diff_mod.DiffusionBundle.tiny(device=self.device))
+            return self._cached("diffusion", key, lambda: diff_mod.DiffusionBundle.tiny(device=self.device))
         source = sd_model_id() if self.name == "pretrained" else st.source
         return self._cached("diffusion", key,
                             lambda: diff_mod.DiffusionBundle.from_pretrained(source, device=self.device, **options))
