@@ -53,7 +53,7 @@ class LocalBackend:
         return None if self.proc is None else self.proc.poll()
 
     def start(self, python: str, *, profile: str = "starter", device: str = "auto", port: int = 0,
-              backend_dir: str = "", extra_env: Optional[dict] = None) -> None:
+              backend_dir: str = "", heartbeat_s: float = 1.0, extra_env: Optional[dict] = None) -> None:
         """Launch ``python -m backend serve`` writing its connection file to :attr:`connection_file`."""
         if self.running:
             raise BackendStartError(f"a local backend is already running (pid {self.proc.pid})")
@@ -73,7 +73,7 @@ class LocalBackend:
         except OSError:
             pass
         cmd = [str(exe), "-m", "backend", "serve", "--connection-file", str(self.connection_file),
-               "--profile", profile, "--device", device]
+               "--profile", profile, "--device", device, "--heartbeat", f"{float(heartbeat_s):g}"]
         if port:
             cmd += ["--port", str(int(port))]
         env = dict(os.environ)

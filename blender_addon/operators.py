@@ -6,6 +6,8 @@ Operators only send requests and return; results stream in through the session's
 
 from __future__ import annotations
 
+import json
+
 import bpy
 from bpy.props import StringProperty
 
@@ -13,6 +15,28 @@ from . import scene, session as _session
 from .jobs import Placement, grid_columns
 from .local_backend import BackendStartError
 from .preferences import get_prefs
+
+
+def _options_prop():
+    return StringProperty(
+        name="Options", default="", options={"HIDDEN", "SKIP_SAVE"},
+        description="Extra workflow options as a JSON object (advanced; e.g. {\"iterations\": 10})",
+    )
+
+
+def _merge_options(op, params: dict) -> dict | None:
+    """``params`` updated with the operator's JSON ``options``; None (after a report) when they are malformed."""
+    if not op.options:
+        return params
+    try:
+        extra = json.loads(op.options)
+    except ValueError as exc:
+        op.report({"ERROR"}, f"options must be a JSON object: {exc}")
+        return None
+    if not isinstance(extra, dict):
+        op.report({"ERROR"}, "options must be a JSON object, e.g. {\"iterations\": 10}")
+        return None
+    return {**params, **extra}
 
 
 def _workflow_poll(cls, workflow: str) -> bool:
@@ -106,6 +130,8 @@ class STEPSTONE_OT_generate(bpy.types.Operator):
     bl_idname = "stepstone.generate"
     bl_label = "Generate"
 
+    options: _options_prop()
+
     @classmethod
     def poll(cls, context):
         if not _workflow_poll(cls, "text-to-shape"):
@@ -134,6 +160,8 @@ class STEPSTONE_OT_diagnostic(bpy.types.Operator):
     bl_idname = "stepstone.diagnostic"
     bl_label = "Test connection"
 
+    options: _options_prop()
+
     @classmethod
     def poll(cls, context):
         return _workflow_poll(cls, "diagnostic")
@@ -149,6 +177,8 @@ class STEPSTONE_OT_stylize(bpy.types.Operator):
 
     bl_idname = "stepstone.stylize"
     bl_label = "Stylize"
+
+    options: _options_prop()
 
     @classmethod
     def poll(cls, context):
@@ -188,6 +218,8 @@ class STEPSTONE_OT_gallery(bpy.types.Operator):
     bl_idname = "stepstone.gallery"
     bl_label = "Make gallery"
 
+    options: _options_prop()
+
     @classmethod
     def poll(cls, context):
         if not _workflow_poll(cls, "gallery"):
@@ -224,6 +256,9 @@ class STEPSTONE_OT_gallery(bpy.types.Operator):
 
 
 def _submit(op, workflow, params, meshes, label, placement):
+    params = _merge_options(op, params)
+    if params is None:
+        return {"CANCELLED"}
     try:
         job = _session.get().submit(workflow, params, meshes, label, placement)
     except _session.ConnectError as exc:

@@ -60,6 +60,10 @@ class Session:
         self.backend_jobs: list[dict] = []  # last answer to list_jobs
         self._pending_local_connect = False
         self._ui_dirty = False
+        self.backend_id_seen: Optional[str] = None  # survives client re-creation: restart detection
+        self.lost_reason = ""  # why the last connection dropped (kept while reconnecting)
+        self._local_exit_reported = False
+        self.restarts = 0
 
     # ---------------------------------------------------------------------------------------------- status
     @property
@@ -72,6 +76,10 @@ class Session:
     def reason(self) -> str:
         if self.client is None:
             return self.last_error or "not connected"
+        if self.client.state == "connecting" and self.lost_reason:
+            return f"reconnecting; connection lost: {self.lost_reason}"
+        if self.client.state == "disconnected" and self.lost_reason and self.client.reason != self.lost_reason:
+            return f"{self.lost_reason}; retrying: {self.client.reason}"
         return self.client.reason or ""
 
     @property
@@ -193,8 +201,9 @@ class Session:
 
     # ---------------------------------------------------------------------------------------------- local backend
     def start_local(self, prefs: Any) -> None:
-        self.local.start(prefs.python_path, profile=prefs.profile, device=prefs.device, port=prefs.port,
-                         backend_dir=prefs.backend_dir)
+        self.local.start(bpy.path.abspath(prefs.python_path), profile=prefs.profile, device=prefs.device,
+                         port=prefs.port, backend_dir=bpy.path.abspath(prefs.backend_dir),
+                         heartbeat_s=min(float(prefs.heartbeat_s), float(prefs.timeout_s) / 3))
         self._pending_local_connect = True
         self.notice(f"starting local backend ({prefs.profile}, {prefs.device})")
         self._prefs_for_local = prefs
@@ -332,7 +341,12 @@ class Session:
         return self.find(key) if key else None
 
     def _on_welcome(self, msg, f) -> None:
-        self.notice(f"connected to backend {str(f.get('backend_id', ''))[:8]} "
+        new = str(f.get("backend_id") or "")
+        if self.backend_id_seen and new and new != self.backend_id_seen:
+            self._backend_restarted(self.backend_id_seen, new)
+        self.backend_id_seen = new or self.backend_id_seen
+        self.lost_reason = ""
+        self.notice(f"connected to backend {new[:8]} "
                     f"(profile {f.get('profile', '?')}, device {f.get('device', '?')})")
         # after a reconnect to the same backend, events may have been missed: ask where our jobs stand
         if any(j.active for j in self.jobs):
@@ -340,13 +354,25 @@ class Session:
 
     def _on_disconnected(self, msg, f) -> None:
         reason = f.get("reason", "connection lost")
+        if self.local.proc is not None and not self.local.running and self.local.connection_file.is_file() \
+                and self.client is not None and str(self.client.connection_file) == str(self.local.connection_file):
+            reason += f" (the local backend {self.local.status()}; see its log in the preferences)"
+        self.lost_reason = reason
         self.notice(f"disconnected: {reason}")
         for j in self.jobs:
             if j.active:
                 j.message = "backend unreachable; waiting for it to come back"
 
     def _on_backend_restarted(self, msg, f) -> None:
-        self.notice(f"the backend restarted (new id {str(f.get('new', ''))[:8]}); reconnected")
+        old, new = str(f.get("old") or ""), str(f.get("new") or "")
+        if new and new != self.backend_id_seen:
+            self._backend_restarted(old, new)
+            self.backend_id_seen = new
+
+    def _backend_restarted(self, old: str, new: str) -> None:
+        """A new backend answers (Jupyter-style restart detection by id): jobs of the old one are gone."""
+        self.restarts += 1
+        self.notice(f"the backend restarted (id {old[:8]} -> {new[:8]}); reconnected")
         for j in self.jobs:
             if j.active:
                 j.finish("lost", "the backend restarted while this job ran; run it again")

@@ -1,0 +1,445 @@
+"""Scenarios that run inside real Blender (the ``bpy`` module), one process per group, called by the tests.
+
+``python tests/blender/scenarios.py GROUP --zip Z --home H --result R.json [--connection-file F]``
+
+Before ``bpy`` is imported, HOME and Blender's user folders point into the throw-away ``--home``; the built
+extension zip is installed there with ``bpy.ops.extensions.package_install_files(..., enable_on_install=True)``
+as an artist would. Timers do not fire in background mode, so the scenarios call the add-on's poll function
+(``session.get().tick()``) directly, exactly what its ``bpy.app.timers`` callback does.
+
+Each step's outcome goes into the JSON result (``{step: {"ok": bool, ...}}``); the pytest side asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ADDON_MODULE = "bl_ext.user_default.stepstone"
+
+
+class ErrorCounter(logging.Handler):
+    """Counts ERROR records of the add-on's logger: a poll that raised would log one."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(self.format(record))
+
+
+def setup_blender(home: Path):
+    os.environ["HOME"] = str(home)
+    for var, sub in (("BLENDER_USER_RESOURCES", "resources"), ("BLENDER_USER_CONFIG", "config"),
+                     ("BLENDER_USER_SCRIPTS", "scripts"), ("BLENDER_USER_EXTENSIONS", "extensions")):
+        os.environ[var] = str(home / sub)
+    os.environ.setdefault("STEPSTONE_RUNTIME_DIR", str(home / "runtime"))
+    import bpy  # noqa: E402  (after the environment is set)
+
+    return bpy
+
+
+def install(bpy, zip_path: str):
+    res = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+    if res != {"FINISHED"}:
+        raise RuntimeError(f"install returned {res}")
+    mod = sys.modules.get(ADDON_MODULE)
+    if mod is None:
+        raise RuntimeError(f"{ADDON_MODULE} not imported after install")
+    return mod
+
+
+class Driver:
+    """Calls the add-on's poll function like its timer would, until a condition holds."""
+
+    def __init__(self, bpy, mod) -> None:
+        self.bpy = bpy
+        self.mod = mod
+
+    @property
+    def s(self):
+        return self.mod.session.get()
+
+    def until(self, cond, timeout: float = 60.0, what: str = "condition") -> float:
+        t0 = time.monotonic()
+        while True:
+            self.s.tick()
+            if cond():
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; state {self.s.state}, "
+                                   f"reason {self.s.reason!r}, jobs {[(j.workflow, j.state, j.error) for j in self.s.jobs]}")
+            time.sleep(0.005)
+
+    def prefs(self):
+        return self.bpy.context.preferences.addons[ADDON_MODULE].preferences
+
+    def connect(self, connection_file: str, timeout: float = 30.0) -> None:
+        p = self.prefs()
+        p.connection_mode = "AUTO"
+        p.connection_file = connection_file
+        p.heartbeat_s = 0.25
+        p.timeout_s = 2.0
+        assert self.bpy.ops.stepstone.connect() == {"FINISHED"}
+        self.until(lambda: self.s.connected, timeout, "connection")
+
+    def job_settled(self, job) -> bool:
+        return not job.active and not self.s.stream.pending_for(job.key)
+
+
+def mesh_summary(bpy, obj) -> dict:
+    import numpy as np
+
+    me = obj.data
+    out = {"name": obj.name, "vertices": len(me.vertices), "faces": len(me.polygons), "edges": len(me.edges),
+           "location": list(obj.location), "matrix_world": [list(r) for r in obj.matrix_world],
+           "collections": [c.name for c in obj.users_collection], "materials": [m.name for m in me.materials if m],
+           "colour_attribute": None, "valid": not me.validate(verbose=False)}
+    attr = me.color_attributes.get("Col")
+    if attr is not None:
+        buf = np.empty(len(attr.data) * 4, np.float32)
+        attr.data.foreach_get("color_srgb", buf)
+        rgb = buf.reshape(-1, 4)[:, :3]
+        out["colour_attribute"] = {"domain": attr.domain, "distinct": int(len(np.unique((rgb * 255).round(), axis=0))),
+                                   "mean": [float(x) for x in rgb.mean(0)]}
+    mat = me.materials[0] if len(me.materials) else None
+    if mat is not None and mat.use_nodes:
+        out["material_uses_attribute"] = any(
+            n.type == "VERTEX_COLOR" and n.layer_name == "Col" and n.outputs["Color"].is_linked
+            for n in mat.node_tree.nodes)
+    return out
+
+
+def step(results: dict, name: str):
+    """Decorator-ish context: run ``fn`` and store its dict (or the error) under ``name``."""
+
+    def run(fn):
+        t0 = time.monotonic()
+        try:
+            out = fn() or {}
+            out["ok"] = True
+        except Exception as exc:
+            out = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        out["seconds"] = round(time.monotonic() - t0, 2)
+        results[name] = out
+        return out
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------- groups
+def group_main(bpy, mod, args, results: dict) -> None:
+    """Connect, generate, re-import, stylize, gallery, cancel, selection errors, unregister."""
+    d = Driver(bpy, mod)
+    s = d.s
+    scn = bpy.context.scene
+    options = json.loads(args.options or "{}")
+
+    def opts(workflow: str) -> str:
+        """Small settings for the tiny profile on a 2-core CPU (passed as the operators' JSON options)."""
+        return json.dumps(options.get(workflow, {}))
+
+    @step(results, "install")
+    def _():
+        import zmq
+
+        ext_dir = Path(bpy.utils.user_resource("EXTENSIONS"))
+        return {"module": mod.__name__, "zmq": zmq.__file__,
+                "bundled_zmq": [str(p) for p in ext_dir.rglob("zmq/__init__.py")],
+                "panels": [c for c in ("STEPSTONE_PT_status", "STEPSTONE_PT_jobs") if hasattr(bpy.types, c)],
+                "generate_poll_disconnected": bpy.ops.stepstone.generate.poll()}
+
+    @step(results, "connect")
+    def _():
+        d.connect(args.connection_file)
+        w = s.welcome
+        return {"state": s.state, "backend_id": w.get("backend_id"), "profile": w.get("profile"),
+                "device": w.get("device"), "capabilities": {k: v.get("available") for k, v in s.capabilities().items()},
+                "generate_poll": bpy.ops.stepstone.generate.poll()}
+
+    def generate_workflow() -> str:
+        return "text-to-shape" if s.workflow_available("text-to-shape")[0] else "diagnostic"
+
+    @step(results, "generate")
+    def _():
+        wf = generate_workflow()
+        before = set(bpy.data.objects.keys())
+        scn.cursor.location = (0.0, 0.0, 0.0)
+        st = scn.stepstone
+        st.spacing = 2.0
+        if wf == "text-to-shape":
+            st.prompt = "a chair"
+            st.variants = 2
+            st.quality = "fast"
+            assert bpy.ops.stepstone.generate(options=opts("text-to-shape")) == {"FINISHED"}
+        else:
+            from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+            s.submit("diagnostic", {"steps": 4, "resolution": 24}, None, "diagnostic",
+                     Placement(collection="Stepstone: diagnostic", spacing=2.0))
+        job = s.jobs[0]
+        seen_states: list = []
+        first_obj: dict = {}
+        same = {"ok": True}
+
+        def cond():
+            if job.state not in seen_states:
+                seen_states.append(job.state)
+            for slot, name in job.slots.items():
+                first_obj.setdefault(slot, name)
+                if first_obj[slot] != name:
+                    same["ok"] = False  # a slot's object must be updated in place, not replaced
+            return d.job_settled(job)
+
+        elapsed = d.until(cond, 300, f"{wf} job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"workflow": wf, "state": job.state, "error": job.error, "states": seen_states,
+                "meshes_received": job.meshes_received, "slots": sorted(job.slots), "finals": sorted(job.finals),
+                "objects": [mesh_summary(bpy, o) for o in objs], "same_object_per_slot": same["ok"],
+                "new_objects": sorted(set(bpy.data.objects.keys()) - before), "collection": job.collection_actual,
+                "elapsed_s": round(elapsed, 2), "job": job.key, "longest_tick_ms": round(1000 * s.longest_tick_s, 1)}
+
+    @step(results, "reimport")
+    def _():
+        gen = results.get("generate", {})
+        if not gen.get("ok"):
+            raise RuntimeError("generate failed")
+        key = gen["job"]
+        before = set(bpy.data.objects.keys())
+        assert bpy.ops.stepstone.reimport(job=key) == {"FINISHED"}
+        job = s.find(key)
+        d.until(lambda: len(job.slots) >= len(gen["slots"]) and not s.stream.pending_for(key), 60, "re-import")
+        new = sorted(set(bpy.data.objects.keys()) - before)
+        return {"new_objects": new, "objects": [mesh_summary(bpy, bpy.data.objects[n]) for n in new],
+                "collection": job.collection_actual}
+
+    @step(results, "selection")
+    def _():
+        from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
+
+        me = bpy.data.meshes.new("quad")
+        me.from_pydata([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)], [], [(0, 1, 2, 3)])
+        ob = bpy.data.objects.new("Quad", me)
+        scn.collection.objects.link(ob)
+        mod_ = ob.modifiers.new("sub", "SUBSURF")
+        mod_.levels = 2
+        dg = bpy.context.evaluated_depsgraph_get()
+        p = ascene.object_payload(ob, dg)
+        err = ""
+        try:
+            ascene.object_payload(ob, dg, max_faces=10)
+        except ascene.SelectionError as exc:
+            err = str(exc)
+        empty = bpy.data.objects.new("AnEmpty", None)
+        scn.collection.objects.link(empty)
+        payloads, skipped = ascene.selection_payloads([ob, empty], dg)
+        bpy.data.objects.remove(empty)
+        bpy.data.objects.remove(ob)
+        return {"vertices": list(p["vertices"].shape), "faces": list(p["faces"].shape),
+                "face_limit_error": err, "skipped": skipped, "n_payloads": len(payloads)}
+
+    def make_source():
+        bpy.ops.mesh.primitive_cube_add(size=0.6, location=(3.0, -1.0, 0.5), rotation=(0.3, 0.2, 0.9))
+        src = bpy.context.active_object
+        src.name = "StyleSource"
+        src.scale = (1.0, 1.5, 0.8)
+        m = src.modifiers.new("bevel", "BEVEL")
+        m.width = 0.05
+        bpy.context.view_layer.update()
+        return src
+
+    @step(results, "stylize")
+    def _():
+        src = make_source()
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        src.select_set(True)
+        bpy.context.view_layer.objects.active = src
+        ok, why = s.workflow_available("stylize")
+        out = {"available": ok, "reason": why}
+        if not ok:
+            out["poll"] = bpy.ops.stepstone.stylize.poll()
+            raise RuntimeError(f"stylize unavailable: {why}")
+        st = scn.stepstone
+        st.style = "made of gold"
+        st.mode = "texture"
+        st.strength = 0.5
+        st.replace_source = False
+        src_mesh = src.data.name
+        assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "stylize job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        out.update({"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
+                    "source_matrix": [list(r) for r in src.matrix_world], "source_mesh_kept": src.data.name == src_mesh,
+                    "source_name": src.name})
+        return out
+
+    @step(results, "gallery")
+    def _():
+        ok, why = s.workflow_available("gallery")
+        if not ok:
+            raise RuntimeError(f"gallery unavailable: {why}")
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cylinder_add(radius=0.3, depth=0.8, location=(-3, 0, 0))
+        a = bpy.context.active_object
+        bpy.ops.mesh.primitive_uv_sphere_add(radius=0.4, location=(-4, 0, 0), segments=16, ring_count=8)
+        b = bpy.context.active_object
+        cam = bpy.data.objects.new("GalleryCam", bpy.data.cameras.new("GalleryCam"))
+        scn.collection.objects.link(cam)
+        for o in (a, b, cam):
+            o.select_set(True)
+        st = scn.stepstone
+        st.count = 3
+        st.subjects = "tower, gate"
+        st.spacing = 1.5
+        assert bpy.ops.stepstone.gallery(options=opts("gallery")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "gallery job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
+                "collection": job.collection_actual, "images": job.images,
+                "collection_objects": sorted(o.name for o in bpy.data.collections[job.collection_actual].objects)
+                if job.collection_actual else []}
+
+    @step(results, "cancel")
+    def _():
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        job = s.submit("diagnostic", {"steps": 200, "resolution": 16, "delay": 0.05}, None, "slow diagnostic",
+                       Placement(collection="Stepstone: cancel test"))
+        d.until(lambda: job.meshes_received >= 1 and job.job_id is not None, 60, "first mesh of the slow job")
+        assert bpy.ops.stepstone.cancel(job=job.key) == {"FINISHED"}
+        d.until(lambda: d.job_settled(job), 30, "cancellation")
+        return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step}
+
+    @step(results, "unregister")
+    def _():
+        import bpy as _bpy
+
+        _bpy.ops.preferences.addon_disable(module=ADDON_MODULE)
+        gone = {
+            "panels": not hasattr(_bpy.types, "STEPSTONE_PT_status"),
+            "operator": not hasattr(_bpy.types, "STEPSTONE_OT_generate"),
+            "scene_props": not hasattr(_bpy.types.Scene, "stepstone"),
+            "timer": not _bpy.app.timers.is_registered(mod.session.timer),
+            "session": mod.session._SESSION is None,
+        }
+        # enabling again works (an artist toggling the checkbox)
+        _bpy.ops.preferences.addon_enable(module=ADDON_MODULE)
+        again = hasattr(_bpy.types, "STEPSTONE_PT_status")
+        _bpy.ops.preferences.addon_disable(module=ADDON_MODULE)
+        return {"gone": gone, "re_enabled": again}
+
+
+def group_restart(bpy, mod, args, results: dict) -> None:
+    """Start the backend from Blender, kill it mid-job, see the status, restart it and reconnect."""
+    d = Driver(bpy, mod)
+    s = d.s
+
+    @step(results, "start_local")
+    def _():
+        p = d.prefs()
+        p.python_path = sys.executable
+        p.backend_dir = str(ROOT)
+        p.profile = "tiny"
+        p.device = "cpu"
+        p.heartbeat_s = 0.25
+        p.timeout_s = 1.5
+        assert bpy.ops.stepstone.start_backend() == {"FINISHED"}
+        d.until(lambda: s.connected, 120, "local backend")
+        return {"pid": s.local.proc.pid, "backend_id": s.welcome.get("backend_id"),
+                "log_tail": s.local.log_tail(5), "status": s.local.status()}
+
+    @step(results, "kill_mid_job")
+    def _():
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        job = s.submit("diagnostic", {"steps": 400, "resolution": 16, "delay": 0.05}, None, "doomed",
+                       Placement(collection="Stepstone: restart test"))
+        d.until(lambda: job.meshes_received >= 1, 60, "first mesh")
+        s.local.proc.kill()
+        s.local.proc.wait(10)
+        waited = d.until(lambda: s.state == "disconnected", 30, "disconnect")
+        panel_reason = s.reason
+        return {"state": s.state, "reason": panel_reason, "job_state": job.state, "job_message": job.message,
+                "detect_s": round(waited, 2), "notices": list(s.notices), "job": job.key}
+
+    @step(results, "poll_while_down")
+    def _():
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.0:
+            s.tick()
+            n += 1
+            time.sleep(0.01)
+        return {"ticks": n, "state": s.state, "reason": s.reason,
+                "generate_poll": bpy.ops.stepstone.diagnostic.poll()}
+
+    @step(results, "restart")
+    def _():
+        old = s.backend_id_seen
+        assert bpy.ops.stepstone.start_backend() == {"FINISHED"}
+        d.until(lambda: s.connected and s.backend_id_seen != old, 120, "reconnect to the restarted backend")
+        job = s.find(results["kill_mid_job"]["job"]) if results.get("kill_mid_job", {}).get("ok") else None
+        # and it works: a quick job on the new backend
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        j2 = s.submit("diagnostic", {"steps": 2, "resolution": 16}, None, "after restart",
+                      Placement(collection="Stepstone: restart test"))
+        d.until(lambda: d.job_settled(j2), 60, "job after restart")
+        return {"old": old, "new": s.backend_id_seen, "restarts": s.restarts, "notices": list(s.notices),
+                "old_job_state": job.state if job else None, "old_job_error": job.error if job else None,
+                "new_job_state": j2.state}
+
+    @step(results, "unregister")
+    def _():
+        proc = s.local.proc
+        bpy.ops.preferences.addon_disable(module=ADDON_MODULE)
+        try:
+            proc.wait(10)
+        except Exception:
+            pass
+        return {"backend_stopped": proc.poll() is not None, "session": mod.session._SESSION is None}
+
+
+GROUPS = {"main": group_main, "restart": group_restart}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("group", choices=sorted(GROUPS))
+    ap.add_argument("--zip", required=True)
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--connection-file", default="")
+    ap.add_argument("--options", default="{}", help="JSON: workflow -> extra options for the operators")
+    args = ap.parse_args()
+    home = Path(args.home)
+    home.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    counter = ErrorCounter()
+    logging.getLogger("stepstone").addHandler(counter)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        bpy = setup_blender(home)
+        mod = install(bpy, args.zip)
+        GROUPS[args.group](bpy, mod, args, results)
+    except Exception as exc:
+        results["fatal"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    results["logged_errors"] = counter.records
+    Path(args.result).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

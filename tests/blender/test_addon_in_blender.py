@@ -1,0 +1,185 @@
+"""The Stepstone extension in real Blender (``bpy`` 5.0.1), installed from the built zip, against a real backend.
+
+Two Blender processes (``scenarios.py``): ``main`` (connect, generate, re-import, selection, stylize, gallery,
+cancel, unregister) against a backend this module starts, and ``restart`` (the add-on starts its own local
+backend, which is killed mid-job and started again). Each test checks one scenario's recorded outcome.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.blender, pytest.mark.timeout(900)]
+
+# small settings for the tiny profile on a 2-core CPU, sent through the operators' JSON options
+TINY_OPTIONS = {
+    "text-to-shape": {"iterations": 2, "views": 2, "render_resolution": 32, "n_samples": 16, "resolution": 24,
+                      "preview_resolution": 16, "preview_every": 1},
+    "stylize": {"iterations": 2, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 24},
+    "gallery": {"steps": 2, "views": 2, "render_resolution": 32, "resolution": 24},
+}
+
+
+def _fail_text(step: dict) -> str:
+    return step.get("error", "") + "\n" + step.get("traceback", "")
+
+
+@pytest.fixture(scope="module")
+def main_run(addon_zip, tmp_path_factory, backend_cls, scenario_runner):
+    folder = tmp_path_factory.mktemp("blender_main")
+    backend = backend_cls(folder / "backend").start()
+    try:
+        res = scenario_runner("main", addon_zip, folder / "home", connection_file=backend.connection_file,
+                            options=json.dumps(TINY_OPTIONS), env={"STEPSTONE_RUNTIME_DIR": str(backend.runtime)})
+    finally:
+        backend.stop()
+    res["_backend_log"] = backend.log.read_text()[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def restart_run(addon_zip, tmp_path_factory, scenario_runner):
+    folder = tmp_path_factory.mktemp("blender_restart")
+    runtime = folder / "runtime"
+    runtime.mkdir(mode=0o700)
+    return scenario_runner("restart", addon_zip, folder / "home",
+                         env={"STEPSTONE_RUNTIME_DIR": str(runtime), "STEPSTONE_STORE_DIR": str(folder / "store")})
+
+
+def step(run: dict, name: str) -> dict:
+    if "fatal" in run:
+        pytest.fail("scenario process failed: " + _fail_text(run["fatal"]) + run.get("_stdout", ""))
+    s = run.get(name)
+    assert s is not None, f"step {name} did not run"
+    assert s["ok"], f"step {name} failed: {_fail_text(s)}\nbackend log:\n{run.get('_backend_log', '')}"
+    return s
+
+
+def test_installs_from_zip_with_bundled_pyzmq(main_run):
+    s = step(main_run, "install")
+    assert s["module"] == "bl_ext.user_default.stepstone"
+    assert s["bundled_zmq"], "the pyzmq wheel from the manifest was not installed into the extensions site-packages"
+    assert s["panels"] == ["STEPSTONE_PT_status", "STEPSTONE_PT_jobs"]
+    assert s["generate_poll_disconnected"] is False  # greyed out while not connected
+
+
+def test_connects_and_shows_profile(main_run):
+    s = step(main_run, "connect")
+    assert s["state"] == "connected"
+    assert s["profile"] == "tiny" and s["device"] == "cpu" and s["backend_id"]
+    assert s["capabilities"]["diagnostic"] is True
+    assert s["generate_poll"] == s["capabilities"]["text-to-shape"]
+
+
+def _check_object(o: dict) -> None:
+    assert o["faces"] > 0 and o["vertices"] > 0 and o["edges"] > 0
+    assert o["valid"], f"{o['name']}: Blender's mesh validation found problems"
+    ca = o["colour_attribute"]
+    assert ca is not None and ca["domain"] == "POINT", f"{o['name']} has no vertex colours"
+    assert o["materials"] and o.get("material_uses_attribute"), "colour attribute not wired into a material"
+
+
+def test_generate_streams_mesh_with_vertex_colours(main_run):
+    s = step(main_run, "generate")
+    assert s["state"] == "done", s["error"]
+    assert s["workflow"] == "text-to-shape"
+    assert s["meshes_received"] >= 2 * len(s["slots"]), "expected intermediate meshes before the finals"
+    assert s["same_object_per_slot"], "a slot's object was replaced instead of updated in place"
+    assert sorted(s["finals"]) == sorted(s["slots"]) and len(s["slots"]) == 2  # 2 variants
+    for o in s["objects"]:
+        _check_object(o)
+        assert o["collections"] == [s["collection"]]
+    # variants on a grid of 2.0 m spacing from the 3D cursor at the origin
+    locs = sorted(tuple(round(c, 3) for c in o["location"]) for o in s["objects"])
+    assert locs == [(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)]
+
+
+def test_reimport_makes_new_objects(main_run):
+    gen = step(main_run, "generate")
+    s = step(main_run, "reimport")
+    assert len(s["new_objects"]) == len(gen["slots"])
+    assert s["collection"] != gen["collection"]
+    for o, g in zip(sorted(s["objects"], key=lambda o: o["name"]), sorted(gen["objects"], key=lambda o: o["name"])):
+        assert o["faces"] == g["faces"] and o["vertices"] == g["vertices"]
+
+
+def test_selection_is_evaluated_triangulated_and_limited(main_run):
+    s = step(main_run, "selection")
+    # a quad with a level-2 subdivision modifier: 16 quads -> 32 triangles, 25 vertices
+    assert s["faces"] == [32, 3] and s["vertices"] == [25, 3]
+    assert "more than the limit of 10" in s["face_limit_error"] and "Decimate" in s["face_limit_error"]
+    assert s["skipped"] == ["AnEmpty (empty, not a mesh)"] and s["n_payloads"] == 1
+
+
+def test_stylize_result_keeps_source_transform(main_run):
+    s = step(main_run, "stylize")
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 1
+    o = s["objects"][0]
+    _check_object(o)
+    assert o["name"] != s["source_name"] and s["source_mesh_kept"]
+    np.testing.assert_allclose(np.array(o["matrix_world"]), np.array(s["source_matrix"]), atol=1e-5)
+
+
+def test_gallery_of_three_in_new_collection_on_grid(main_run):
+    s = step(main_run, "gallery")
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 3
+    assert s["collection"] and sorted(s["collection_objects"]) == sorted(o["name"] for o in s["objects"])
+    for o in s["objects"]:
+        _check_object(o)
+    locs = np.array([o["location"] for o in s["objects"]])
+    # 3 items -> 2 columns: (x0, y0), (x0 + 1.5, y0), (x0, y0 - 1.5)
+    rel = np.round(locs - locs.min(axis=0) * [1, 0, 0] - locs.max(axis=0) * [0, 1, 0], 3)
+    assert sorted(map(tuple, rel)) == [(0.0, -1.5, 0.0), (0.0, 0.0, 0.0), (1.5, 0.0, 0.0)]
+
+
+def test_cancel_stops_a_running_job(main_run):
+    s = step(main_run, "cancel")
+    assert s["state"] == "cancelled"
+    assert s["meshes_received"] < 200
+
+
+def test_unregisters_cleanly(main_run):
+    s = step(main_run, "unregister")
+    assert all(s["gone"].values()), s["gone"]
+    assert s["re_enabled"]
+
+
+def test_no_exception_in_the_poll_function(main_run):
+    assert main_run["logged_errors"] == []
+
+
+def test_local_backend_starts_from_blender(restart_run):
+    s = step(restart_run, "start_local")
+    assert s["backend_id"] and s["status"].startswith("running")
+    assert any("listening" in line for line in s["log_tail"])
+
+
+def test_killed_backend_shows_disconnected_with_reason(restart_run):
+    s = step(restart_run, "kill_mid_job")
+    assert s["state"] == "disconnected"
+    assert "heartbeat" in s["reason"] or "did not answer" in s["reason"], s["reason"]
+    assert s["job_state"] in ("running", "queued") and "unreachable" in s["job_message"]
+    down = step(restart_run, "poll_while_down")
+    # while the backend is down the client keeps trying: connecting/disconnected, never connected, reason kept
+    assert down["state"] in ("disconnected", "connecting") and down["ticks"] > 10
+    assert "heartbeat" in down["reason"], down["reason"]
+    assert down["generate_poll"] is False
+    assert restart_run["logged_errors"] == []
+
+
+def test_reconnects_to_a_restarted_backend(restart_run):
+    s = step(restart_run, "restart")
+    assert s["new"] != s["old"] and s["restarts"] == 1
+    assert any("restarted" in n for n in s["notices"])
+    assert s["old_job_state"] == "lost" and "restarted" in s["old_job_error"]
+    assert s["new_job_state"] == "done"
+
+
+def test_unregister_stops_the_local_backend(restart_run):
+    s = step(restart_run, "unregister")
+    assert s["backend_stopped"] and s["session"]
