@@ -42,7 +42,7 @@ class BackendProcess:
     """``python -m backend serve`` in a subprocess, with its own connection file, store and log file."""
 
     def __init__(self, workdir: Path, *, profile: str = "tiny", device: str = "cpu", port: int = 0,
-                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None) -> None:
+                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None, warm_up: bool = False) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.connection_file = self.workdir / "backend.json"
@@ -50,6 +50,7 @@ class BackendProcess:
         self.log_path = self.workdir / "backend.log"
         self.profile, self.device, self.port, self.heartbeat_s = profile, device, port, heartbeat_s
         self.extra_args = list(extra_args or [])
+        self.warm_up = warm_up  # off by default: tests and the selftest only run the diagnostic workflow
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
 
@@ -57,6 +58,8 @@ class BackendProcess:
         cmd = [sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
                "--store", str(self.store), "--device", self.device, "--port", str(self.port),
                "--heartbeat", str(self.heartbeat_s), *self.extra_args]
+        if not self.warm_up:
+            cmd.append("--no-warm-up")
         if self.profile:
             cmd += ["--profile", self.profile]
         env = dict(os.environ)

@@ -27,6 +27,7 @@ import socket as pysocket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -63,6 +64,7 @@ class ServerConfig:
     advertise: Optional[str] = None  # host name written into the connection file for remote clients
     max_bytes: int = P.MAX_MESSAGE_BYTES
     seed: int = 0
+    warm_up: bool = True  # import every workflow module in the background at start
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Server:
         self.manager: Optional[JobManager] = None
         self.router: Optional[zmq.Socket] = None
         self.decoder = P.Decoder(self.key, max_bytes=config.max_bytes, kinds=P.CLIENT_KINDS)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-store-reader")
 
     # ------------------------------------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -148,9 +151,8 @@ class Server:
             )
         if remote and not zmq.has("curve"):
             raise InputError("this pyzmq/libzmq has no CurveZMQ support, so a remote backend cannot be secured")
-        import backend.geometry.io  # noqa: F401  (trimesh is slow to import: not on the first job's clock)
-
-        self.device = resolve_device(cfg.device)
+        # "cpu" needs no torch import here (seconds on a busy machine); "auto"/"cuda" ask torch
+        self.device = "cpu" if cfg.device == "cpu" else resolve_device(cfg.device)
         self.profile = load_profile(cfg.profile, device=self.device)
         store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
         self.manager = JobManager(store, profile=self.profile, device=self.device, backend_id=self.backend_id,
@@ -183,7 +185,7 @@ class Server:
             address=self.address, key=self.key, backend_id=self.backend_id, curve_server_key=self.curve_public,
             extra={"profile": self.profile.name, "device": self.device, "store": str(store.root)},
         )
-        threading.Thread(target=_warm_up, name="stepstone-warm-up", daemon=True).start()
+        threading.Thread(target=_warm_up, args=(cfg.warm_up,), name="stepstone-warm-up", daemon=True).start()
         log.info("backend %s (profile %s on %s) listening on %s; job store %s", self.backend_id,
                  self.profile.name, self.device, self.address, store.root)
 
@@ -211,6 +213,11 @@ class Server:
                 job_id, kind, fields, arrays = self._events.get_nowait()
             except queue.Empty:
                 return
+            if kind == "@session":  # a message for one session (see _post)
+                sess = self._sessions.get(fields["client"])
+                if sess is not None:
+                    sess.enqueue(arrays)
+                continue
             key = None
             if kind == P.MESH:
                 key = ("final" if fields.get("final") else "mesh", job_id, fields.get("name"))
@@ -418,16 +425,29 @@ class Server:
             return
         if job.state != DONE:
             return
+        # reading GLB files takes a while for big meshes: do it off the I/O thread, then queue the meshes
+        self._loader.submit(self._load_result, sess.client, job, msg.id)
+
+    def _load_result(self, client: str, job: Any, ref: str) -> None:
+        """(loader thread) Read a finished job's GLB files and hand them to the loop for ``client``."""
+        assert self.manager is not None
         try:
             stored = self.manager.store.load_result(job)
-        except StepstoneError as exc:
-            raise StepstoneError(f"job {job.id}: stored result unreadable: {exc.message}", code="store_error")
+        except Exception as exc:  # a damaged or deleted job folder
+            msg = exc.message if isinstance(exc, StepstoneError) else f"{type(exc).__name__}: {exc}"
+            self._post(client, _Out(P.ERROR, {"code": "store_error", "ref": ref, "job": job.id,
+                                              "message": f"job {job.id}: stored result unreadable: {msg}"}, None))
+            return
         for seq, (rec, mesh) in enumerate(stored, start=1):
             arrays = {"vertices": mesh.vertices, "faces": mesh.faces}
             if mesh.colors is not None:
                 arrays["colors"] = mesh.colors
-            sess.enqueue(_Out(P.MESH, {"job": job.id, "seq": seq, "final": True, "name": rec["name"],
-                                       "info": rec.get("info", {}), "replay": True}, arrays))
+            self._post(client, _Out(P.MESH, {"job": job.id, "seq": seq, "final": True, "name": rec["name"],
+                                             "info": rec.get("info", {}), "replay": True, "ref": ref}, arrays))
+
+    def _post(self, client: str, out: "_Out") -> None:
+        """Queue a message for one session from any thread."""
+        self._emit(None, "@session", {"client": client}, out)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------------ loop
     def stop(self, reason: str = "stopped") -> None:
@@ -478,6 +498,7 @@ class Server:
         log.info("backend %s stopping: %s", self.backend_id, self.stop_reason or "stopped")
         if self.manager is not None:
             self.manager.shutdown()
+        self._loader.shutdown(wait=True, cancel_futures=True)
         # deliver the terminal events of jobs ended by the shutdown, best effort
         self._fan_out()
         for sess in list(self._sessions.values()):
@@ -486,17 +507,21 @@ class Server:
                 self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"})
         if self.connection_file is not None:
             remove_connection_file(self.connection_file, self.backend_id)
-        if self.router is not None:
-            self.router.close(linger=500)
-        self._wake_pull.close(linger=0)
-        # the context is not terminated: the worker thread's wake socket may still exist; the process exits next
+        # closing every socket with a linger, then terminating the context, flushes what is still queued
+        # (the terminal events and `bye` above) before the process exits; the worker thread has been joined.
+        self._ctx.destroy(linger=1000)
 
 
-def _warm_up() -> None:
-    """Import the workflow modules in the background, so the first submit of each does not stall the loop."""
+def _warm_up(all_workflows: bool = True) -> None:
+    """Import the workflow modules in the background, so the first submit of each does not stall the loop
+    (``all_workflows=False``: only the mesh exporter and the diagnostic workflow, which need no torch)."""
     from backend.pipelines import WORKFLOWS, get_workflow
 
-    for name in WORKFLOWS:
+    try:
+        import backend.geometry.io  # noqa: F401  (trimesh: writes the final GLB files)
+    except Exception as exc:  # pragma: no cover - reported when a job needs it
+        log.warning("mesh export unavailable: %s", exc)
+    for name in WORKFLOWS if all_workflows else ["diagnostic"]:
         try:
             get_workflow(name)
         except Exception as exc:  # a workflow still missing from this build: reported when submitted
@@ -517,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, default=None, help="job store folder (default: see docs)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="import workflow modules on first use instead of in the background at start")
     p.add_argument("--max-message-mb", type=float, default=P.MAX_MESSAGE_BYTES / 2**20,
                    help="largest message accepted, in MiB (default %(default).0f)")
     return p
@@ -527,7 +554,7 @@ def main(argv: list[str]) -> int:
     cfg = ServerConfig(host=args.host, port=args.port, connection_file=args.connection_file, profile=args.profile,
                        device=args.device, store=args.store, heartbeat_s=args.heartbeat,
                        allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed,
-                       max_bytes=int(args.max_message_mb * 2**20))
+                       max_bytes=int(args.max_message_mb * 2**20), warm_up=args.warm_up)
     server = Server(cfg)
     try:
         server.start()
