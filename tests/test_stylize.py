@@ -65,3 +65,196 @@ def test_perspective_fill_is_the_background_colour():
     uncovered = (out - 0.5).abs().sum(1) > 0.1
     assert uncovered.any()
     assert torch.allclose(out[0, :, uncovered[0]].mean(-1), fill, atol=0.2)
+
+
+# ----------------------------------------------------------------------------------------- the workflow
+
+import trimesh  # noqa: E402
+
+from backend.errors import Cancelled, InputError, ModelUnavailable  # noqa: E402
+from backend.events import JobContext, MeshInput, MeshUpdate, Progress  # noqa: E402
+from backend.pipelines import stylize  # noqa: E402
+
+# Tiny but real: the tiny profile's random open_clip model, 32 px renders of 2 views, a 32^3 grid.
+FAST = dict(iterations=6, views=2, render_resolution=32, n_samples=16, grid_resolution=32, preview_every=3,
+            eval_views=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    from backend.models.registry import load_profile
+
+    return load_profile("tiny")
+
+
+def _mesh_input(mesh: trimesh.Trimesh, name: str = "object", matrix_world=None) -> MeshInput:
+    return MeshInput(name, np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.uint32), None,
+                     matrix_world)
+
+
+def _run(profile, mesh_input: MeshInput, seed: int = 0, **params):
+    p = stylize.validate({"style": "mahogany", **FAST, **params}, [mesh_input])
+    ctx = JobContext(profile=profile, device="cpu", seed=seed)
+    events = list(stylize.run(p, [mesh_input], ctx))
+    finals = [e for e in events if isinstance(e, MeshUpdate) and e.final]
+    assert len(finals) == 1 and events[-1] is finals[0]
+    return events, finals[0]
+
+
+def _bbox(v: np.ndarray) -> np.ndarray:
+    return np.stack([np.min(v, axis=0), np.max(v, axis=0)])
+
+
+def test_texture_mode_keeps_the_topology_and_raises_the_clip_score(tiny_profile):
+    box = trimesh.creation.box((1.0, 0.6, 0.4))
+    m = np.eye(4)
+    m[:3, :3] *= 2.0
+    m[:3, 3] = (1.0, -2.0, 0.5)
+    mi = _mesh_input(box, "crate", m)
+    events, out = _run(tiny_profile, mi, iterations=8, lr_color=0.03)
+    # the artist's topology survives exactly: same vertices (same order), same faces, new colours
+    assert np.array_equal(out.vertices, mi.vertices) and np.array_equal(out.faces, mi.faces)
+    assert out.colors.shape == (len(mi.vertices), 3) and out.colors.dtype == np.uint8
+    assert out.info["clip_score_final"] > out.info["clip_score_initial"]
+    steps = [e for e in events if isinstance(e, Progress) and e.stage == "texture"]
+    assert [e.step for e in steps] == list(range(1, 9)) and all(e.total == 8 for e in steps)
+    previews = [e for e in events if isinstance(e, MeshUpdate) and not e.final]
+    assert previews and all(np.array_equal(e.faces, mi.faces) for e in previews)
+
+
+def test_shape_mode_prior_loss_keeps_the_structure_and_the_input_space(tiny_profile):
+    blob = trimesh.creation.icosphere(2, 0.5)
+    blob.vertices = blob.vertices * [1.0, 0.7, 0.5] + [3.0, 0.0, 1.0]  # off-centre, not unit size
+    mi = _mesh_input(blob, "blob")
+    common = dict(mode="shape", iterations=8, lr_density=1.0)
+    _, with_prior = _run(tiny_profile, mi, lambda_p=10.0, **common)
+    _, without = _run(tiny_profile, mi, lambda_p=0.0, **common)
+    assert with_prior.info["iou"] >= 0.8
+    assert without.info["iou"] < with_prior.info["iou"]
+    # remeshed output lies in the input object's own space: same bounding box within a few percent
+    tol = 0.05 * float(np.ptp(mi.vertices, axis=0).max())
+    assert np.abs(_bbox(with_prior.vertices) - _bbox(mi.vertices)).max() < tol
+    assert with_prior.colors.shape == (len(with_prior.vertices), 3)
+
+
+def test_shape_mode_maps_back_through_the_world_matrix(tiny_profile):
+    box = trimesh.creation.box((1.0, 0.5, 0.5))
+    m = np.eye(4)
+    rot = trimesh.transformations.rotation_matrix(np.pi / 4, [0, 0, 1])[:3, :3]
+    m[:3, :3] = rot @ np.diag([3.0, 1.0, 1.0])  # rotated, non-uniformly scaled object
+    m[:3, 3] = (10.0, 0.0, -4.0)
+    mi = _mesh_input(box, "beam", m)
+    _, out = _run(tiny_profile, mi, mode="shape", iterations=2, lambda_p=10.0)
+    tol = 0.08 * float(np.ptp(mi.vertices, axis=0).max())
+    assert np.abs(_bbox(out.vertices) - _bbox(mi.vertices)).max() < tol
+
+
+def _open_mesh() -> trimesh.Trimesh:
+    cyl = trimesh.creation.cylinder(radius=0.3, height=1.0, sections=16)
+    keep = np.abs(cyl.face_normals[:, 2]) < 0.5  # drop the caps: an open tube
+    return trimesh.Trimesh(cyl.vertices, cyl.faces[keep], process=False)
+
+
+def _non_manifold_mesh() -> trimesh.Trimesh:
+    a = trimesh.creation.box((0.5, 0.5, 0.5))
+    b = trimesh.creation.box((0.5, 0.5, 0.5))
+    b.apply_translation((0.5, 0.5, 0.0))  # touches the first box along one edge only
+    m = trimesh.util.concatenate([a, b])
+    v = np.vstack([m.vertices, [[0.0, 0.0, 0.8]]])
+    fin = [[0, 1, len(v) - 1]]  # a dangling fin: an edge with three faces
+    return trimesh.Trimesh(v, np.vstack([m.faces, fin]), process=False)
+
+
+def _parts_mesh() -> trimesh.Trimesh:
+    a = trimesh.creation.icosphere(1, 0.3)
+    b = trimesh.creation.icosphere(1, 0.2)
+    b.apply_translation((0.9, 0.0, 0.0))
+    return trimesh.util.concatenate([a, b])
+
+
+@pytest.mark.parametrize("make", [_open_mesh, _non_manifold_mesh, _parts_mesh], ids=["open", "nonmanifold", "parts"])
+def test_any_mesh_an_artist_may_select_is_stylized(tiny_profile, make):
+    mesh = make()
+    mi = _mesh_input(mesh, make.__name__)
+    _, tex = _run(tiny_profile, mi, iterations=2, views=1, preview_every=0)
+    assert np.array_equal(tex.faces, mi.faces) and tex.colors.shape == (len(mi.vertices), 3)
+    _, shp = _run(tiny_profile, mi, mode="shape", iterations=1, views=1, preview_every=0)
+    assert len(shp.faces) > 0
+    tol = 0.1 * float(np.ptp(mi.vertices, axis=0).max())
+    assert np.abs(_bbox(shp.vertices) - _bbox(mi.vertices)).max() < tol
+    if make is _parts_mesh:  # both parts survive remeshing
+        assert trimesh.Trimesh(shp.vertices, shp.faces).body_count == 2
+
+
+def test_bad_input_gives_a_clear_error():
+    box = trimesh.creation.box()
+    good = _mesh_input(box)
+    nan = MeshInput("nan", good.vertices.copy(), good.faces, None, None)
+    nan.vertices[3] = np.nan
+    empty = MeshInput("empty", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), None, None)
+    cases = [
+        ({"style": "ice"}, [nan], "NaN"),
+        ({"style": "ice"}, [empty], "empty"),
+        ({"style": "ice", "max_faces": 10}, [good], "limit"),
+        ({"style": "ice"}, [], "select the object"),
+        ({"style": "ice"}, [good, good], "single object"),
+        ({"style": "   "}, [good], "style text is empty"),
+        ({"style": "ice", "mode": "paint"}, [good], "mode"),
+        ({"style": "ice", "strength": 2}, [good], "strength"),
+        ({"style": "ice", "iterationz": 3}, [good], "unknown option"),
+    ]
+    for params, inputs, words in cases:
+        with pytest.raises(InputError) as exc:
+            stylize.validate(params, inputs)
+        assert words in exc.value.message, exc.value.message
+
+
+def test_sds_mode_without_a_diffusion_model_is_rejected_with_the_reason(tmp_path, monkeypatch):
+    from backend.models.registry import load_profile
+
+    monkeypatch.setenv("STEPSTONE_STARTER_DIR", str(tmp_path / "no-weights"))
+    profile = load_profile("starter")
+    mi = _mesh_input(trimesh.creation.box())
+    params = stylize.validate({"style": "ice", "mode": "sds"}, [mi])
+    with pytest.raises(ModelUnavailable) as exc:
+        list(stylize.run(params, [mi], JobContext(profile=profile)))
+    assert "diffusion" in exc.value.message and "python -m backend" in exc.value.message
+
+
+def test_sds_mode_runs_with_the_tiny_diffusion_model(tiny_profile):
+    mi = _mesh_input(trimesh.creation.box((0.6, 0.6, 1.0)), "lamp")
+    events, out = _run(tiny_profile, mi, mode="sds", iterations=2, render_resolution=16, preview_every=1)
+    assert out.info["prompt"] == "A lamp imitating a mahogany"
+    assert len(out.faces) > 0 and out.info["iou"] > 0.5
+    assert any(isinstance(e, MeshUpdate) and not e.final for e in events)
+
+
+def test_cancel_stops_the_optimisation(tiny_profile):
+    mi = _mesh_input(trimesh.creation.box())
+    p = stylize.validate({"style": "ice", **FAST, "iterations": 50}, [mi])
+    ctx = JobContext(profile=tiny_profile, device="cpu")
+    seen = 0
+    with pytest.raises(Cancelled):
+        for ev in stylize.run(p, [mi], ctx):
+            if isinstance(ev, Progress) and ev.stage == "texture":
+                seen += 1
+                ctx.cancel.cancel()
+    assert seen == 1
+
+
+def test_cli_run_stylize_writes_the_stylized_mesh(tmp_path, tiny_profile):
+    from backend.cli import main
+    from backend.geometry.io import export_mesh, load_mesh
+
+    src = tmp_path / "in.glb"
+    box = trimesh.creation.box((1.0, 0.5, 0.3))
+    export_mesh(src, box.vertices, box.faces)
+    before = load_mesh(src)
+    out = tmp_path / "out.glb"
+    rc = main(["run", "stylize", "--mesh", str(src), "--style", "made of glacier ice", "--profile", "tiny",
+               "--iterations", "2", "--views", "1", "--render-resolution", "24", "--grid-resolution", "24",
+               "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    after = load_mesh(out)
+    assert len(after.vertices) == len(before.vertices) and np.array_equal(after.faces, before.faces)
+    assert after.colors is not None
