@@ -103,16 +103,6 @@ def test_bad_requests_are_rejected_with_a_clear_message(client, meshes, params, 
     assert collect(client, lambda m: m.kind == P.PONG, 10)
 
 
-def test_unavailable_workflow_is_rejected_with_the_profiles_reason(client):
-    caps = client.welcome["capabilities"]
-    missing = [k for k, v in caps.items() if not v["available"]]
-    if not missing:
-        pytest.skip("every workflow is available in this profile")
-    ref = client.submit(missing[0], {})
-    m = collect(client, lambda m: m.fields.get("ref") == ref and m.kind in (P.ACCEPTED, P.REJECTED), 20)[-1]
-    assert m.kind == P.REJECTED and m.fields["code"] == "model_unavailable" and m.fields["message"]
-
-
 def test_two_clients_twenty_jobs_random_cancels_each_end_exactly_once(backend):
     rng = random.Random(1234)
     a, b = backend.client(name="a"), backend.client(name="b")
