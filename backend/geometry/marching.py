@@ -153,7 +153,7 @@ def extract_mesh(
     outside_value = max(float(g.max()), level + 1.0)
     gp = np.pad(g, 1, mode="constant", constant_values=outside_value)
     verts, faces, _, _ = marching_cubes(gp, level=level, spacing=tuple(spacing), gradient_direction="ascent")
-    verts = verts - spacing + bmin
+    verts = np.clip(verts - spacing + bmin, bmin, bmax)  # caps from the padding lie on the box faces
     faces = faces.astype(np.int64)
     # scikit-image's winding depends on gradient_direction; make normals point outward (positive signed volume).
     tri = verts[faces]
