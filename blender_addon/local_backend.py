@@ -26,7 +26,7 @@ class BackendStartError(Exception):
 
 def guess_backend_dir(python: str) -> Optional[Path]:
     """The folder holding ``backend/__main__.py`` for an interpreter inside ``<repo>/.venv`` (or ``None``)."""
-    p = Path(python).expanduser().resolve()
+    p = Path(os.path.abspath(os.path.expanduser(python)))  # not resolve(): a venv's python is a symlink
     for parent in list(p.parents)[:5]:
         if (parent / "backend" / "__main__.py").is_file():
             return parent
