@@ -163,3 +163,15 @@ def test_cameras_look_at_target_and_random_cameras_are_reproducible():
     assert len(a[1:3]) == 2
     with pytest.raises(ValueError):
         random_cameras(2, radius=0.5)
+
+
+def test_fast_colour_threshold_matches_full_evaluation():
+    torch.manual_seed(0)
+    sdf = torch.linalg.norm(grid_points(16), dim=-1) - 0.3
+    field = DensityGridField.from_sdf(sdf, color="mlp", pe_freqs=2)
+    cams = orbit_cameras([45.0], 15.0)
+    fast = render(field, cams, 12, 12, n_samples=32, stratified=False, normals=None)
+    full = render(field, cams, 12, 12, n_samples=32, stratified=False, normals=None, color_thres=0.0)
+    assert torch.allclose(fast["rgb"], full["rgb"], atol=2e-3)
+    fast["rgb"].mean().backward()
+    assert all(p.grad is not None for p in field.color.parameters())

@@ -142,6 +142,10 @@ class DensityGridField(nn.Module):
         """Activated density (Eq. 6b), per world unit."""
         return F.softplus(self.raw_density(points) + self.shift)
 
+    def rgb(self, points: Tensor) -> Tensor:
+        """Colour (Eq. 6c or the colour grid), in [0, 1]."""
+        return self.color(points)
+
     def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
         return self.sigma(points), self.color(points)
 
@@ -185,10 +189,10 @@ class SDFGridField(nn.Module):
 
         return sdf_to_density(self.signed_distance(points), self.beta)
 
-    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        sigma = self.sigma(points)
+    def rgb(self, points: Tensor) -> Tensor:
         if self.color is not None:
-            rgb = self.color(points)
-        else:
-            rgb = self.constant_color.to(points.dtype).expand(*points.shape[:-1], 3)
-        return sigma, rgb
+            return self.color(points)
+        return self.constant_color.to(points.dtype).expand(*points.shape[:-1], 3)
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        return self.sigma(points), self.rgb(points)

@@ -16,6 +16,10 @@ gradient by **autograd** (``normals="autograd"``, with ``create_graph`` when gra
 maps train the field) or by central **finite differences** (``normals="fd"``, step of half a 128^3 voxel), or are
 skipped (``normals=None``, zeros).
 
+Fields that offer ``sigma(points)`` and ``rgb(points)`` separately (the grids) get DVGO's speed-up: the colour
+(often an MLP) is evaluated only where ``T_i alpha_i > color_thres`` (1e-4), and normals differentiate the density
+alone. Other fields are evaluated with ``query``.
+
 Memory is bounded by processing ``chunk`` rays at a time; with ``checkpoint=True`` each chunk is recomputed in the
 backward pass (torch.utils.checkpoint), so training memory is bounded too.
 """
@@ -73,26 +77,44 @@ def _field_sigma(field, points: Tensor) -> Tensor:
     return fn(points) if callable(fn) else field.query(points)[0]
 
 
-def _composite(field, o: Tensor, d: Tensor, t_near: Tensor, t_far: Tensor, u: Tensor, normals: Optional[str]):
+def _split_field(field):
+    """``(sigma_fn, rgb_fn)`` when the field offers density and colour separately, else None."""
+    sig, col = getattr(field, "sigma", None), getattr(field, "rgb", None)
+    return (sig, col) if callable(sig) and callable(col) else None
+
+
+def _composite(
+    field, o: Tensor, d: Tensor, t_near: Tensor, t_far: Tensor, u: Tensor, normals: Optional[str], color_thres: float
+):
     """Render rays (N,) with sample offsets ``u`` (N, K) in [0, 1); returns (rgb, acc, depth_sum, normal)."""
     t = t_near[:, None] + (t_far - t_near)[:, None] * u  # (N, K)
     mids = 0.5 * (t[:, 1:] + t[:, :-1])
     edges = torch.cat([t_near[:, None], mids, t_far[:, None]], dim=-1)
     delta = (edges[:, 1:] - edges[:, :-1]).clamp_min(0.0)
     pts = (o[:, None, :] + t[..., None] * d[:, None, :]).clamp(-BBOX, BBOX)
+    split = _split_field(field)
+    density_fn = split[0] if split is not None else (lambda p: field.query(p)[0])
+    rgb = None
     normal_vec = None
     if normals == "autograd":
         outer_grad = torch.is_grad_enabled()
         with torch.enable_grad():
             if not pts.requires_grad:
                 pts = pts.detach().requires_grad_(True)
-            sigma, rgb = field.query(pts)
-            (grad,) = torch.autograd.grad(sigma.sum(), pts, create_graph=outer_grad, retain_graph=True)
+            if split is not None:
+                sigma = density_fn(pts)
+            else:
+                sigma, rgb = field.query(pts)
+            (grad,) = torch.autograd.grad(sigma.sum(), pts, create_graph=outer_grad, retain_graph=outer_grad)
         if not outer_grad:
-            sigma, rgb, grad = sigma.detach(), rgb.detach(), grad.detach()
+            sigma, grad = sigma.detach(), grad.detach()
+            rgb = None if rgb is None else rgb.detach()
         normal_vec = -F.normalize(grad, dim=-1, eps=1e-12)
     else:
-        sigma, rgb = field.query(pts)
+        if split is not None:
+            sigma = density_fn(pts)
+        else:
+            sigma, rgb = field.query(pts)
         if normals == "fd":
             offs = torch.eye(3, device=pts.device, dtype=pts.dtype) * FD_STEP
             plus = torch.stack([_field_sigma(field, pts + offs[k]) for k in range(3)], dim=-1)
@@ -102,6 +124,12 @@ def _composite(field, o: Tensor, d: Tensor, t_near: Tensor, t_far: Tensor, u: Te
     alpha = 1.0 - torch.exp(-tau)  # Eq. 7b
     trans = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))  # Eq. 7c, exclusive product
     w = trans * alpha
+    if rgb is None:
+        # DVGO's "fast colour threshold": colour is only queried where the sample's weight can matter.
+        keep = w.detach() > color_thres
+        rgb = torch.zeros(*w.shape, 3, device=w.device, dtype=w.dtype)
+        if bool(keep.any()):
+            rgb = rgb.index_put((keep,), split[1](pts.detach()[keep]).to(w.dtype))
     rgb_out = (w[..., None] * rgb).sum(-2)  # Eq. 7a without background
     acc = w.sum(-1)
     depth_sum = (w * t).sum(-1)
@@ -124,6 +152,7 @@ def render(
     stratified: bool = True,
     normals: Optional[str] = "autograd",
     checkpoint: bool = False,
+    color_thres: float = 1e-4,
 ) -> dict[str, Tensor]:
     """Volume-render ``field`` from every camera (Dream3D Eq. 7a-7c).
 
@@ -139,6 +168,8 @@ def render(
         stratified: jitter samples within their bins (training); False puts them at bin centres.
         normals: "autograd", "fd" or None (see module docstring).
         checkpoint: recompute each chunk in backward to bound training memory.
+        color_thres: for fields with separate ``sigma``/``rgb`` methods, colour is evaluated only at samples whose
+            weight ``T_i alpha_i`` exceeds this (DVGO's ``fast_color_thres``; 0 evaluates every sample).
 
     Returns:
         dict with ``rgb`` (V, H, W, 3), ``alpha`` (V, H, W), ``depth`` (V, H, W), ``normal`` (V, H, W, 3) and
@@ -170,9 +201,9 @@ def render(
         sel = idx[s : s + chunk]
         args = (o[sel], d[sel], t_near[sel], t_far[sel], u[s : s + chunk])
         if checkpoint and torch.is_grad_enabled():
-            parts.append(_checkpoint(_composite, field, *args, normals, use_reentrant=False))
+            parts.append(_checkpoint(_composite, field, *args, normals, color_thres, use_reentrant=False))
         else:
-            parts.append(_composite(field, *args, normals))
+            parts.append(_composite(field, *args, normals, color_thres))
 
     rgb = torch.zeros(n_rays, 3, device=device, dtype=dtype)
     acc = torch.zeros(n_rays, device=device, dtype=dtype)
