@@ -89,7 +89,11 @@ class BackendProcess:
         return self.proc.pid
 
     def client(self, *, wait_s: float = 30.0, **kw) -> Client:
-        """A connected client (the welcome has arrived) for this backend."""
+        """A connected client (the welcome has arrived) for this backend.
+
+        The liveness timeout defaults to 20 s (not the add-on's 5 s): tests and the selftest share busy CPUs with
+        a starting backend, and a false "disconnected" there proves nothing."""
+        kw.setdefault("timeout_s", 20.0)
         c = Client.from_connection_file(self.connection_file, **kw)
         c.connect()
         end = time.monotonic() + wait_s

@@ -265,7 +265,8 @@ class Server:
                     return
                 raise
             sess.outbox.pop(0)
-            sess.in_flight += sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+            if out.kind in FLOW_KINDS:  # the client gives exactly these back as credit
+                sess.in_flight += sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
             sess.last_sent = time.monotonic()
 
     def _drop_session(self, sess: Session, why: str) -> None:

@@ -51,7 +51,7 @@ def test_welcome_carries_profile_device_and_capabilities(client, backend):
 
 
 def test_diagnostic_job_streams_meshes_then_final_then_done(client, backend):
-    job, msgs = _run_job(client, {"steps": 4, "resolution": 20})
+    job, msgs = _run_job(client, {"steps": 4, "resolution": 20, "delay": 0.1})
     kinds = [m.kind for m in msgs if m.fields.get("job") == job]
     assert kinds[0] == P.ACCEPTED
     assert kinds[-1] == P.DONE
@@ -209,7 +209,7 @@ def test_crash_restart_and_results_from_disk(tmp_path):
     reports the in-flight job failed with the reason, and still serves the finished job's result from disk."""
     work = tmp_path / "crash"
     b1 = BackendProcess(work, heartbeat_s=0.5).start()
-    c = b1.client(name="crash", heartbeat_s=0.5, timeout_s=3.0)
+    c = b1.client(name="crash", heartbeat_s=0.5, timeout_s=4.0)
     try:
         finished, msgs = _run_job(c, {"steps": 3, "resolution": 24})
         streamed = [m for m in msgs if m.kind == P.MESH and m.fields["final"]][0]
