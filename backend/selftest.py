@@ -215,7 +215,7 @@ def run_selftest(profile: Optional[str], device: str, steps: int, resolution: in
 
         # 2. diagnostic job
         t = time.perf_counter()
-        ref = client.submit("diagnostic", {"steps": steps, "resolution": resolution})
+        ref = client.submit("diagnostic", {"steps": steps, "resolution": resolution, "delay": 0.05})
         first_mesh = None
         msgs: list[P.Message] = []
         job = None

@@ -280,3 +280,46 @@ def test_sigterm_fails_the_running_job_and_tells_the_client(tmp_path):
     finally:
         c.close()
         b.kill()
+
+
+def test_remote_binding_needs_the_flag(tmp_path):
+    import subprocess
+    import sys
+
+    from backend.selftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--connection-file",
+                        str(tmp_path / "c.json"), "--store", str(tmp_path / "jobs")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--allow-remote" in r.stdout and "CurveZMQ" in r.stdout
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_remote_backend_encrypts_with_curve(tmp_path):
+    import zmq
+
+    if not zmq.has("curve"):
+        pytest.skip("libzmq without CurveZMQ")
+    b = BackendProcess(tmp_path / "remote", extra_args=["--host", "0.0.0.0", "--allow-remote",
+                                                         "--advertise", "127.0.0.1"]).start()
+    try:
+        from shared.connection import read_connection_file
+
+        info = read_connection_file(b.connection_file)
+        assert info["curve_server_key"] and len(info["curve_server_key"]) == 40
+        c = b.client(name="curve")  # from the connection file: CurveZMQ with the server's public key
+        try:
+            c.ping()
+            assert collect(c, lambda m: m.kind == P.PONG, 20)
+        finally:
+            c.close()
+        # the right HMAC key but no CurveZMQ: the handshake never completes
+        plain = Client(info["address"], info["key"], timeout_s=2.0, auto_reconnect=False)
+        plain.connect()
+        msgs = collect(plain, lambda m: m.kind in ("disconnected", P.WELCOME), 20)
+        assert msgs[-1].kind == "disconnected" and plain.state == DISCONNECTED
+        plain.close()
+    finally:
+        b.terminate()
+        b.kill()
