@@ -1,0 +1,127 @@
+"""Each starter trainer runs a few steps on tiny settings and its loss falls; models save and load back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.training.dataset import DatasetConfig, StarterDataset, build_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> StarterDataset:
+    cfg = DatasetConfig(n_shapes=10, views=2, resolution=32, voxel_res=16, n_points=512, seed=3)
+    data = build_dataset(cfg)
+    path = data.save(tmp_path_factory.mktemp("data") / "tiny.npz")
+    return StarterDataset.load(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from backend.models.clip import ClipModel
+
+    return ClipModel.tiny()
+
+
+def _falls(losses, window=3):
+    return float(np.mean(losses[-window:])) < float(np.mean(losses[:window]))
+
+
+def test_dataset_contents(tiny_data):
+    d = tiny_data
+    assert d.rgb.shape == (10, 2, 32, 32, 3) and d.rgb.dtype == np.uint8
+    assert d.mask.max() > 200 and d.mask.min() == 0  # object and background in every set
+    assert (d.rgb[d.mask == 0] == 255).all()  # white background
+    assert np.abs(d.normal[d.mask > 250].astype(np.float32) / 127).sum(-1).min() > 0.5
+    for i in range(len(d)):
+        vox = d.voxel_grid(i)
+        assert vox.any() and not vox.all()
+        pts, inside = d.occupancy(i)
+        assert inside.any() and (~inside).any()
+        shape = d.shape(i)
+        np.testing.assert_array_equal(shape.sdf.sdf(pts) < 0, inside)
+
+
+def test_clip_trainer_loss_falls_and_reloads(tiny_data, tmp_path):
+    from backend.training.clip_trainer import ClipTrainConfig, load_trained_clip, train_clip
+
+    cfg = ClipTrainConfig(embed_dim=32, image_size=32, vision_layers=1, vision_width=64, vision_head_width=32,
+                          text_width=64, text_heads=2, text_layers=1, steps=40, batch_size=20, lr=2e-3, warmup=3,
+                          random_background=0.0, max_shift=0)
+    res = train_clip(tiny_data, cfg, out_dir=tmp_path / "clip")
+    assert _falls(res.losses), res.losses
+    clip = load_trained_clip(tmp_path / "clip")
+    t = clip.encode_text(["a red chair"])
+    i = clip.encode_image(torch.rand(2, 3, 32, 32))
+    assert t.shape == (1, 32) and i.shape == (2, 32)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(1), atol=1e-4)
+
+
+def test_classifier_trainer_loss_falls(tiny_data, tmp_path):
+    from backend.training.classifier import ClassifierConfig, ShapeClassifier, train_classifier
+
+    cfg = ClassifierConfig(image_size=32, width=8, steps=30, batch_size=16, lr=3e-3)
+    res = train_classifier(tiny_data, cfg, out_dir=tmp_path / "cls")
+    assert _falls(res.losses), res.losses
+    model = ShapeClassifier.load(tmp_path / "cls")
+    cat, col = model.predict_shape(torch.rand(2, 3, 32, 32))
+    assert isinstance(cat, str) and isinstance(col, str)
+
+
+@pytest.mark.parametrize("ssc", [True, False])
+def test_svr_trainer_loss_falls(tiny_data, tiny_clip, tmp_path, ssc):
+    from backend.models.svr import SVRModel
+    from backend.training.svr_trainer import SVRTrainConfig, train_svr
+
+    cfg = SVRTrainConfig(image_size=32, encoder_widths=(8, 16), latent_dim=16, decoder_hidden=32, decoder_blocks=2,
+                         pe_freqs=0, steps=25, batch_size=4, points=256, render_res=8, render_samples=12, ssc=ssc,
+                         ssc_k=2, lr=3e-3)
+    res = train_svr(tiny_data, cfg, clip=tiny_clip, out_dir=tmp_path / "svr")
+    assert _falls(res.losses), res.losses
+    svr = SVRModel.load(tmp_path / "svr")
+    assert svr.latent_dim == 16
+
+
+def test_mapper_trainer_loss_falls(tiny_data, tiny_clip, tmp_path):
+    from backend.models.mapper import Mapper
+    from backend.models.svr import SVRModel
+    from backend.training.mapper_trainer import MapperTrainConfig, train_mapper
+
+    svr = SVRModel.tiny()
+    cfg = MapperTrainConfig(hidden=32, n_layers=12, steps=60, batch_size=8, lr=1e-3, decoder_steps=8, bg_rays=32,
+                            bg_points_per_ray=4)
+    res = train_mapper(tiny_data, tiny_clip, svr, cfg, out_dir=tmp_path / "mapper", svr_out_dir=tmp_path / "svr")
+    assert _falls(res.losses, 5), res.losses
+    assert res.metrics["bg_last"] <= res.metrics["bg_first"] + 1e-6
+    m = Mapper.load(tmp_path / "mapper")
+    assert m(torch.zeros(1, tiny_clip.embed_dim)).shape == (1, 16)
+
+
+def test_prior_trainer_loss_falls(tiny_data, tiny_clip, tmp_path):
+    from backend.models.prior import DiffusionPrior
+    from backend.training.prior_trainer import PriorTrainConfig, train_prior
+
+    cfg = PriorTrainConfig(width=32, layers=1, heads=2, steps=60, batch_size=16, lr=2e-3, captions_per_shape=2,
+                           sample_steps=4)
+    res = train_prior(tiny_data, tiny_clip, cfg, out_dir=tmp_path / "prior")
+    assert _falls(res.losses, 10), res.losses
+    p = DiffusionPrior.load(tmp_path / "prior")
+    out = p.sample(tiny_clip.encode_text(["a red chair"]))
+    assert out.shape == (1, tiny_clip.embed_dim)
+
+
+def test_cisp_trainer_losses_fall(tiny_data, tiny_clip, tmp_path):
+    from backend.models.cisp import CISP
+    from backend.training.cisp_trainer import CISPTrainConfig, train_cisp
+
+    cfg = CISPTrainConfig(embed_dim=16, image_size=16, image_patch=8, voxel_res=8, voxel_patch=4, width=16, layers=1,
+                          heads=2, unet_channels=(8, 16), cond_tokens=2, sample_steps=3, contrastive_steps=30,
+                          diffusion_steps=30, batch_size=8, lr=3e-3)
+    res = train_cisp(tiny_data, cfg, out_dir=tmp_path / "cisp", clip=tiny_clip, clip_out_dir=tmp_path / "clipcond")
+    assert _falls(res.losses), res.losses
+    assert _falls(res.diffusion_losses, 10), res.diffusion_losses
+    assert _falls(res.clip_diffusion_losses, 10)
+    model = CISP.load(tmp_path / "cisp")
+    vox = model.sample(model.encode_image(torch.rand(1, 3, 16, 16)), steps=2)
+    assert vox.shape == (1, 8, 8, 8)
