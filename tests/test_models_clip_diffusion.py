@@ -15,6 +15,14 @@ from backend.render import volume
 from backend.render.cameras import orbit_cameras
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_torch_threads):
+    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin-wait and run ~40x slower."""
+    torch.set_num_threads(1)
+    yield
+
+
+
 @pytest.fixture(scope="module")
 def clip():
     return ClipModel.tiny()

@@ -18,6 +18,14 @@ WORKFLOWS = {"diagnostic", "text-to-shape", "stylize", "gallery", "image-to-shap
 
 
 @pytest.fixture(autouse=True)
+def _one_thread(_torch_threads):
+    """One intra-op thread: on 2 shared, busy cores, 2 OpenMP threads spin-wait and run ~40x slower."""
+    torch.set_num_threads(1)
+    yield
+
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("STEPSTONE_MODELS_DIR", str(tmp_path / "user-models"))

@@ -23,6 +23,8 @@ LoRA adapters go through peft (:meth:`add_lora`, :meth:`save_lora`, :meth:`load_
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import gzip
 import importlib
 import json
@@ -77,6 +79,15 @@ def build_clip_tokenizer(folder: str | Path):
     (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_tokenizer():
+    """open_clip's BPE as a CLIPTokenizer, built once per process (read into memory; the files are removed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stepstone-tok-") as tmp:
+        return build_clip_tokenizer(tmp)
 
 
 def _class_from_index(index: dict, name: str, default: type) -> type:
@@ -190,17 +201,14 @@ class DiffusionBundle:
     def tiny(cls, device: str = "cpu", config: Optional[TinyDiffusionConfig] = None,
              tokenizer_dir: str | Path | None = None) -> "DiffusionBundle":
         """A random, very small bundle (deterministic for a seed) for tests; pixel space unless ``config.latent``."""
-        import tempfile
-
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         cfg = config or TinyDiffusionConfig()
         if tokenizer_dir is not None:
             tokenizer = build_clip_tokenizer(tokenizer_dir)
-        else:  # the tokenizer is read into memory, so its files can go at once
-            with tempfile.TemporaryDirectory(prefix="stepstone-tok-") as tmp:
-                tokenizer = build_clip_tokenizer(tmp)
+        else:
+            tokenizer = copy.deepcopy(_bundled_tokenizer())
         factor = 2 if cfg.latent else 1
         ch = cfg.block_out_channels
         with deterministic(cfg.seed):
