@@ -102,6 +102,7 @@ class Job:
     def summary(self) -> dict:
         return {
             "job": self.id,
+            "ref": self.ref,  # the submit's message id: lets a client that missed `accepted` find its job
             "workflow": self.workflow,
             "state": self.state,
             "created": self.created,
