@@ -5,15 +5,17 @@
    (:func:`image_shape_prior`: a (fine-tuned) text-to-image model draws "<prompt> in the style of *", the SVR
    encoder E_S lifts it to a latent, the decoder gives the shape; Sec. 3.2-3.3 and appendix G.1, which uses an SVR
    model as the image-to-shape module).
-2. The DVGO density grid is initialised from the SDF by Eq. 9a/9b (beta = 0.05) and the colour MLP randomly
-   (:func:`init_density_grid`; :meth:`backend.fields.DensityGridField.from_sdf`).
+2. The DVGO density grid is initialised from the SDF by Eq. 9a/9b as printed (raw grid clamped at DVGO's 0, shift
+   b of Eq. 8 applied when rendering) and the colour MLP randomly (:func:`init_density_grid`).
 3. :class:`Dream3DOptimizer` optimises density grid and colour MLP with the CLIP loss (Eq. 1) on renders over random
    solid backgrounds (background augmentation of Dream Fields / PureCLIPNeRF), the Dream Fields transmittance loss,
    and the shape-prior-preserving loss (Eq. 4).
 
 Simplifications (also in the report): background augmentation uses random solid colours only (Dream Fields also
 uses noise and checkerboards); loss weights, learning rates, grid and render sizes are ours where the paper is
-silent (see :class:`Dream3DConfig`); Eq. 4 is averaged instead of summed.
+silent (see :class:`Dream3DConfig`); Eq. 4 is averaged instead of summed; beta = 0.025 in our unit cube stands
+for the paper's 0.05 on SDFs of shapes normalised to [-1, 1]^3 (only the sigmoid's width is rescaled, not the
+density's amplitude) -- with 0.05 in unit-cube units the step-0 silhouette of a prior is visibly too thin.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Dream3DConfig:
 
     iterations: int = 1000  # ours (Fig. 9 shows step 5000 of a long run; the paper gives no count)
     grid_resolution: int = 64  # density grid N_x = N_y = N_z (ours; DVGO uses up to 160)
-    beta: float = 0.05  # Eq. 9a, appendix D.2
+    beta: float = 0.025  # Eq. 9a: 0.05 in the paper for SDFs of shapes in [-1, 1]^3 = 0.025 in our unit cube
     alpha_init: float = 1e-6  # Eq. 8, appendix D.1
     views: int = 4  # views per iteration (ours)
     resolution: int = 128  # render size (ours; CLIP resizes to its input size)
@@ -56,12 +58,10 @@ class Dream3DConfig:
     transmittance_anneal: int = 500  # Dream Fields: over 500 iterations
     lambda_prior: float = 1.0  # weight of Eq. 4 (ours)
     random_background: bool = True  # background augmentation
+    image_steps: int = 30  # DDIM steps of the text -> image shape prior (ours)
+    image_guidance: float = 7.5  # classifier-free guidance of that image (Stable Diffusion's default)
+    style_template: str = "{prompt} in the style of *"  # Sec. 3.3: "a CLS in the style of *"
     view: ViewConfig = field(default_factory=ViewConfig)
-
-    @property
-    def surface_density(self) -> float:
-        """Density on the prior's surface after Eq. 9a, ``1 / (2 beta)``: the marching-cubes level."""
-        return 0.5 / self.beta
 
 
 def prior_sdf_from_decoder(decoder: nn.Module, z: Tensor, resolution: int, device: str = "cpu") -> np.ndarray:
@@ -76,8 +76,34 @@ def prior_sdf_from_decoder(decoder: nn.Module, z: Tensor, resolution: int, devic
 
 
 def init_density_grid(sdf: np.ndarray | Tensor, config: Dream3DConfig, device: str = "cpu") -> DensityGridField:
-    """Dream3D Eq. 9a/9b: DVGO density grid from the prior's SDF, random colour MLP (Sec. 3.1)."""
-    return DensityGridField.from_sdf(sdf, beta=config.beta, alpha_init=config.alpha_init).to(device)
+    """Dream3D Eq. 9a/9b as printed: ``V_density = max(0, softplus^{-1}((1/beta) sigmoid(-sdf/beta)))``.
+
+    The raw grid is rendered with DVGO's shifted softplus ``softplus(V + b)`` (Eq. 6b, ``b`` from Eq. 8), so far
+    from the shape the grid keeps DVGO's transparent initial value (the clamp "ensures the distribution of the
+    accumulated transmittance is the same as DVGO", Sec. 3.1) and the rendered silhouette is the prior's.
+    (:meth:`DensityGridField.from_sdf` instead compensates ``b`` to render Eq. 9a's density exactly, which keeps a
+    soft halo around the shape.) Colour MLP initialised randomly (Sec. 3.1).
+    """
+    from backend.fields import sdf_to_raw_density
+
+    sdf_t = torch.as_tensor(sdf, dtype=torch.float32)
+    if sdf_t.ndim != 3 or len(set(sdf_t.shape)) != 1:
+        raise ValueError(f"the prior SDF grid must be cubic (R, R, R), got {tuple(sdf_t.shape)}")
+    grid_field = DensityGridField(resolution=sdf_t.shape[0], alpha_init=config.alpha_init)
+    with torch.no_grad():
+        grid_field.density.copy_(sdf_to_raw_density(sdf_t, config.beta, shift=0.0)[None])
+    return grid_field.to(device)
+
+
+def surface_level(grid_field: DensityGridField, config: Dream3DConfig) -> float:
+    """Rendered density on the prior's surface after :func:`init_density_grid` (the marching-cubes level).
+
+    Eq. 9a gives ``1 / (2 beta)`` on the surface; stored raw (Eq. 9b) and activated with the DVGO shift (Eq. 6b).
+    """
+    from backend.fields import inverse_softplus
+
+    raw = inverse_softplus(torch.tensor(0.5 / config.beta))
+    return float(torch.nn.functional.softplus(raw + grid_field.shift))
 
 
 def image_shape_prior(bundle: Any, svr: Any, prompt: str, generator: torch.Generator,
@@ -151,7 +177,7 @@ class Dream3DOptimizer:
     @torch.no_grad()
     def occupancy(self) -> np.ndarray:
         """Boolean grid of voxels denser than the prior's surface density (for IoU with the prior)."""
-        return (self.field.density_grid() > self.config.surface_density).cpu().numpy()
+        return (self.field.density_grid() > surface_level(self.field, self.config)).cpu().numpy()
 
 
 def density_mesh(grid_field: DensityGridField, resolution: int, level: float, device: str = "cpu",

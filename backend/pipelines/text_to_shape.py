@@ -43,6 +43,7 @@ from backend.pipelines.dream3d import (
     image_shape_prior,
     init_density_grid,
     prior_sdf_from_decoder,
+    surface_level,
 )
 from backend.pipelines.iss_stages import (
     SDSConfig,
@@ -82,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "n_samples": None,  # samples per ray
     "lr": None,  # stage-2 Adam learning rate (None: 1e-4)
     "grid_resolution": None,  # Dream3D density grid (None: 64)
+    "prior_image_steps": None,  # DDIM steps of Dream3D's text -> image prior (None: 30)
 }
 
 _INT_RANGES = {
@@ -96,6 +98,7 @@ _INT_RANGES = {
     "render_resolution": (8, 512),
     "n_samples": (2, 512),
     "grid_resolution": (8, 256),
+    "prior_image_steps": (1, 500),
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -270,6 +273,8 @@ def dream3d_config(params: dict, view: ViewConfig) -> Dream3DConfig:
         cfg = replace(cfg, views=params["views"])
     if params.get("n_samples"):
         cfg = replace(cfg, n_samples=params["n_samples"])
+    if params.get("prior_image_steps"):
+        cfg = replace(cfg, image_steps=params["prior_image_steps"])
     return cfg
 
 
@@ -414,7 +419,8 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         dc = dream3d_config(params, s2.view)
         if params["shape_prior"] == "image":
             yield Progress("dream3d", 0, dc.iterations, "drawing a rendering-style image for the shape prior")
-            z, image = image_shape_prior(bundle, svr, prompt, gen)
+            z, image = image_shape_prior(bundle, svr, prompt, gen, dc.style_template, dc.image_steps,
+                                         dc.image_guidance)
             yield Image(_png(image[0]), f"{name} shape prior image")
             decoder = svr.decoder
         ctx.cancel.check()
@@ -427,10 +433,10 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
             t = opt.step()
             yield Progress(stage, i + 1, dc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
             if (i + 1) % every == 0 and i + 1 < dc.iterations:
-                ev = _mesh_event(density_mesh(grid_field, params["preview_resolution"], dc.surface_density, device,
+                ev = _mesh_event(density_mesh(grid_field, params["preview_resolution"], surface_level(grid_field, dc), device,
                                               allow_empty=True), name, False, dict(info, stage="dream3d"))
                 if ev is not None:
                     yield ev
         ctx.cancel.check()
-        mesh = density_mesh(grid_field, params["resolution"], dc.surface_density, device)
+        mesh = density_mesh(grid_field, params["resolution"], surface_level(grid_field, dc), device)
         yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)

@@ -1,0 +1,257 @@
+"""Text-to-shape on the tiny profile: ISS++ stage 2 (Eq. 3-5), variants, events, cancellation, Dream3D route.
+
+Real tiny models (open_clip, mapper, SVR decoder, diffusion prior, diffusers bundle), tiny sizes and few iterations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import Cancelled, InputError, ModelUnavailable
+from backend.events import CancelToken, Image, JobContext, MeshUpdate, Progress
+from backend.models.registry import load_profile
+from backend.pipelines import get_workflow
+from backend.pipelines import text_to_shape as t2s
+from backend.pipelines.dream3d import Dream3DConfig, Dream3DOptimizer, init_density_grid
+from backend.pipelines.iss_stages import (
+    Stage2Aligner,
+    Stage2Config,
+    ViewConfig,
+    background_points,
+    background_term,
+    stage1_latent,
+)
+from backend.render import orbit_cameras, render
+
+VIEW = ViewConfig(resolution=16, n_samples=12)
+SMALL = {"views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16, "preview_resolution": 12,
+         "preview_every": 1, "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile("tiny")
+
+
+def _run(profile, seed=0, cancel=None, **params):
+    ctx = JobContext(profile=profile, device="cpu", seed=seed, cancel=cancel or CancelToken())
+    p = t2s.validate(dict(SMALL, **params), [])
+    return list(t2s.run(p, [], ctx))
+
+
+def _sphere_sdf(res: int, radius: float = 0.3) -> np.ndarray:
+    lin = np.linspace(-0.5, 0.5, res)
+    x, y, z = np.meshgrid(lin, lin, lin, indexing="ij")
+    return (np.sqrt(x * x + y * y + z * z) - radius).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+
+
+def test_clip_consistency_loss_falls_over_stage2(profile):
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    f = clip.encode_text(["a red swivel chair"])
+    cfg = Stage2Config(iterations=8, views=2, lambda_bg=0.0, lr=0.05, view=VIEW)
+    aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
+    held = orbit_cameras([30.0, 150.0, 270.0], 20.0)
+    before = aligner.evaluate(held)["clip"]
+    for _ in range(cfg.iterations):
+        aligner.step()
+    after = aligner.evaluate(held)["clip"]
+    assert after < before - 1e-3, (before, after)
+    # only M' changed: the loaded mapper M is untouched
+    assert torch.equal(stage1_latent(mapper, f), mapper(f).detach())
+    assert not torch.equal(aligner.latent().detach(), stage1_latent(mapper, f))
+
+
+def test_background_loss_makes_background_whiter(profile):
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    f = clip.encode_text(["a lamp"])
+    cfg = Stage2Config(iterations=8, views=2, lambda_clip=0.0, lambda_bg=10.0, lr=0.05, bg_rays=256, bg_samples=8,
+                       view=VIEW)
+    aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(1))
+    cams = orbit_cameras([0.0, 120.0, 240.0], 30.0)
+    pts = background_points(cams, 512, 8, torch.Generator().manual_seed(2), 16)
+
+    def whiteness():
+        with torch.no_grad():
+            z = aligner.latent()
+            loss, mask = background_term(svr.decoder, z, pts, 0.5)
+            _, rgb = svr.decoder(pts.reshape(1, -1, 3), z)
+            rgb = rgb.reshape(*pts.shape[:2], 3)[mask]
+        return float(loss), float(rgb.mean()), int(mask.sum())
+
+    loss0, white0, n0 = whiteness()
+    assert n0 > 0, "the tiny shape must leave some background rays"
+    for _ in range(cfg.iterations):
+        aligner.step()
+    loss1, white1, n1 = whiteness()
+    assert n1 > 0
+    assert loss1 < loss0 and white1 > white0, (loss0, loss1, white0, white1)
+
+
+# --------------------------------------------------------------------------------------------- the workflow
+
+
+def test_run_events_variants_and_long_prompt(profile):
+    long_prompt = " ".join(["a tall red wooden chair with four thin legs"] * 4)
+    events = _run(profile, prompt=long_prompt, variants=2, iterations=3, tau=0.5)
+    finals = [e for e in events if isinstance(e, MeshUpdate) and e.final]
+    inter = [e for e in events if isinstance(e, MeshUpdate) and not e.final]
+    assert sorted(e.name for e in finals) == ["variant_0", "variant_1"]
+    for name in ("variant_0", "variant_1"):
+        assert sum(e.name == name for e in inter) >= 2
+    align = [e for e in events if isinstance(e, Progress) and e.stage.startswith("align")]
+    assert len(align) == 2 * 3 and all(e.total == 3 for e in align)
+    for e in finals:
+        assert e.vertices.dtype == np.float32 and e.faces.dtype == np.uint32 and len(e.faces) > 0
+        assert e.colors is not None and e.colors.dtype == np.uint8 and e.colors.shape == (len(e.vertices), 3)
+        assert e.info["prompt_truncated"] is True
+    # the tiny CLIP reads 16 tokens: the run says what it kept
+    assert any("reads only" in e.message for e in events if isinstance(e, Progress))
+    a, b = finals
+    same = a.vertices.shape == b.vertices.shape and np.array_equal(a.vertices, b.vertices)
+    assert not same, "variants with tau = 0.5 must differ (ISS++ Eq. 5)"
+
+
+def test_tau_zero_gives_identical_variants(profile):
+    events = _run(profile, prompt="a round table", variants=2, iterations=2, tau=0.0, preview_every=100)
+    a, b = [e for e in events if isinstance(e, MeshUpdate) and e.final]
+    assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
+    assert np.array_equal(a.colors, b.colors)
+
+
+def test_cancel_stops_within_one_iteration(profile):
+    token = CancelToken()
+    ctx = JobContext(profile=profile, device="cpu", seed=0, cancel=token)
+    params = t2s.validate(dict(SMALL, prompt="a vase", iterations=50, preview_every=100), [])
+    gen = t2s.run(params, [], ctx)
+    steps = []
+    with pytest.raises(Cancelled):
+        for ev in gen:
+            if isinstance(ev, Progress) and ev.stage.startswith("align"):
+                steps.append(ev.step)
+                if ev.step == 2:
+                    token.cancel("test")
+    assert steps == [1, 2]
+
+
+def test_refined_quality_runs_sds_on_tiny_diffusion(profile):
+    events = _run(profile, prompt="a mug", iterations=1, quality="refined", refine_iterations=2, preview_every=100)
+    refine = [e for e in events if isinstance(e, Progress) and e.stage == "refine"]
+    assert [e.step for e in refine] == [1, 2] and "sds=" in refine[0].message
+    assert len([e for e in events if isinstance(e, MeshUpdate) and e.final]) == 1
+
+
+def test_dream3d_route_with_image_prior(profile):
+    events = _run(profile, prompt="a chair", iterations=1, method="dream3d", shape_prior="image",
+                  dream3d_iterations=2, grid_resolution=16, preview_every=1, prior_image_steps=2)
+    assert any(isinstance(e, Image) for e in events)
+    d3 = [e for e in events if isinstance(e, Progress) and e.stage == "dream3d" and e.step > 0]
+    assert [e.step for e in d3] == [1, 2] and "prior=" in d3[0].message
+    finals = [e for e in events if isinstance(e, MeshUpdate) and e.final]
+    assert len(finals) == 1 and finals[0].colors is not None
+
+
+# --------------------------------------------------------------------------------------------- Dream3D
+
+
+def test_dream3d_init_renders_sphere_silhouette():
+    sdf = _sphere_sdf(32)
+    grid = init_density_grid(sdf, Dream3DConfig())
+    cams = orbit_cameras([0.0, 90.0, 200.0], [10.0, 45.0, -20.0])
+    with torch.no_grad():
+        alpha = render(grid, cams, 48, 48, n_samples=96, stratified=False, normals=None)["alpha"]
+    # analytic silhouette of the sphere: rays whose distance to the centre is below the radius
+    from backend.render import camera_rays
+
+    o, d = camera_rays(cams, 48, 48)
+    tca = -(o * d).sum(-1)
+    dist = torch.linalg.norm(o + tca[..., None] * d, dim=-1)
+    truth = dist < 0.3
+    pred = alpha > 0.5
+    iou = float((pred & truth).sum()) / float((pred | truth).sum())
+    assert iou >= 0.9, iou
+
+
+def test_prior_preserving_loss_keeps_the_prior(profile):
+    clip = profile.clip()
+    f = clip.encode_text(["a ball overgrown with vines"])
+    sdf = _sphere_sdf(20)
+    inside = sdf < 0
+
+    def optimise(lambda_prior):
+        cfg = Dream3DConfig(iterations=6, grid_resolution=20, views=1, resolution=16, n_samples=24, lr_density=1.0,
+                            lambda_prior=lambda_prior, transmittance_start=0.99, transmittance_end=0.99,
+                            lambda_transmittance=1.0)
+        torch.manual_seed(0)
+        opt = Dream3DOptimizer(init_density_grid(sdf, cfg), sdf, clip, f, cfg, torch.Generator().manual_seed(0))
+        assert opt.occupancy().sum() > 0
+        for _ in range(cfg.iterations):
+            opt.step()
+        occ = opt.occupancy()
+        return float((occ & inside).sum() / (occ | inside).sum())
+
+    with_prior, without = optimise(5.0), optimise(0.0)
+    assert with_prior > without, (with_prior, without)
+
+
+# --------------------------------------------------------------------------------------------- prompts and options
+
+
+def test_prompt_handling(profile):
+    with pytest.raises(InputError, match="empty"):
+        t2s.validate({"prompt": ""}, [])
+    with pytest.raises(InputError, match="empty"):
+        t2s.validate({"prompt": " \n\t\x00 "}, [])
+    with pytest.raises(InputError, match="10,000 characters"):
+        t2s.validate({"prompt": "a" * 10_000}, [])
+    with pytest.raises(InputError, match="needs a prompt"):
+        t2s.validate({}, [])
+    text = "un fauteuil à bascule, 赤い椅子 🪑"
+    p = t2s.validate({"prompt": text}, [])
+    assert p["prompt"] == text  # passed through unchanged (already NFC)
+    assert t2s.validate({"prompt": "cafe\u0301"}, [])["prompt"] == "caf\u00e9"  # NFC
+    clip = profile.clip()
+    ids = clip._tokenizer.encode(text)
+    # byte-level BPE: every character survives (decode only lower-cases and re-spaces punctuation)
+    assert "".join(clip._tokenizer.decode(ids).split()) == "".join(text.lower().split())
+    feats = clip.encode_text([text, "an armchair"])
+    assert not torch.allclose(feats[0], feats[1])
+    assert t2s.prompt_truncation(clip, "a chair") is None
+    kept = t2s.prompt_truncation(clip, "a chair " * 20)
+    assert kept is not None and kept.startswith("a chair")
+
+
+def test_option_validation():
+    with pytest.raises(InputError, match="variants"):
+        t2s.validate({"prompt": "x", "variants": 0}, [])
+    with pytest.raises(InputError, match="quality"):
+        t2s.validate({"prompt": "x", "quality": "ultra"}, [])
+    with pytest.raises(InputError, match="tau"):
+        t2s.validate({"prompt": "x", "tau": 2}, [])
+    with pytest.raises(InputError, match="unknown"):
+        t2s.validate({"prompt": "x", "colour": "red"}, [])
+    p = t2s.validate({"prompt": "x"}, [])
+    assert p["tau"] == 0.5 and p["quality"] == "fast" and t2s.stage2_config(p).iterations == 20
+    assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
+    assert get_workflow("text-to-shape") is t2s
+
+
+def test_refined_rejected_without_diffusion_model(tmp_path, monkeypatch, profile):
+    # a starter folder with CLIP, SVR and mapper saved and loaded through the real code paths, but no diffusion
+    profile.clip().save(tmp_path / "clip")
+    profile.svr().save(tmp_path / "svr")
+    profile.mapper().save(tmp_path / "mapper")
+    monkeypatch.setenv("STEPSTONE_STARTER_DIR", str(tmp_path))
+    starter = load_profile("starter")
+    caps = starter.capabilities()["text-to-shape"]
+    assert caps["available"] and not caps["options"]["quality"]["refined"]["available"]
+    t2s.validate({"prompt": "a chair"}, [], profile=starter)
+    with pytest.raises(ModelUnavailable, match="diffusion"):
+        t2s.validate({"prompt": "a chair", "quality": "refined"}, [], profile=starter)
+    ctx = JobContext(profile=starter, device="cpu", seed=0)
+    with pytest.raises(ModelUnavailable, match="diffusion"):
+        next(t2s.run({"prompt": "a chair", "quality": "refined"}, [], ctx))
