@@ -8,6 +8,7 @@ faces) it measures, in the same run:
   :class:`shared.client.Client`; the time runs from the moment the pipeline made the mesh (``info.t_created``)
   until the client holds the decoded, authenticated arrays (hand-off to the I/O thread, HMAC, ZeroMQ,
   zero-copy decode). The client-side mesh validation (what Blender runs before ``foreach_set``) is timed apart;
+* bare ZeroMQ (for reference): one raw PUSH/PULL message of the same size between two processes, no protocol;
 * HTTP + base64 GLB: the route a popular 3D-generation add-on uses: export GLB (trimesh), base64 into JSON,
   serve over HTTP on loopback (``http.server``), download (``urllib``), decode base64, load the GLB (trimesh).
 
@@ -20,6 +21,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -93,6 +95,48 @@ def bench_stepstone(faces_list: list[int], repeats: int, workdir: Path) -> dict[
     return out
 
 
+_BARE_SENDER = """
+import sys, time, zmq, numpy as np
+port, nbytes, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+ctx = zmq.Context(); s = ctx.socket(zmq.PUSH); s.connect(f"tcp://127.0.0.1:{port}")
+a = np.ones(nbytes, np.uint8)
+for i in range(repeats + 1):
+    time.sleep(0.3)
+    s.send_multipart([repr(time.time()).encode(), memoryview(a)], copy=False)
+s.close(linger=30000); ctx.term()
+"""
+
+
+def bench_bare_zmq(nbytes: int, repeats: int) -> float:
+    """Median seconds for one raw ZeroMQ message of ``nbytes`` between two processes (no protocol, no threads):
+    what the OS and ZeroMQ cost on this machine right now."""
+    import subprocess
+    import sys
+
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-c", _BARE_SENDER, str(port), str(nbytes), str(repeats)])
+    lat = []
+    try:
+        for i in range(repeats + 1):
+            if not pull.poll(60_000):
+                raise RuntimeError("the bare ZeroMQ sender did not send")
+            frames = pull.recv_multipart(copy=False)
+            now = time.time()
+            arr = np.frombuffer(frames[1].buffer, np.uint8)
+            assert arr.nbytes == nbytes
+            if i:
+                lat.append(now - float(frames[0].bytes))
+    finally:
+        proc.wait(60)
+        pull.close(0)
+        ctx.term()
+    return statistics.median(lat)
+
+
 class _GLBHandler(BaseHTTPRequestHandler):
     arrays: dict = {}
 
@@ -154,10 +198,11 @@ def main(argv: list[str]) -> int:
     floor = {n: bench_floor(meshes[n], max(args.repeats, 5)) for n in faces_list}
     with tempfile.TemporaryDirectory(prefix="stepstone-bench-") as d:
         ours = bench_stepstone(faces_list, args.repeats, Path(d))
+    bare = {n: bench_bare_zmq(ours[n]["bytes"], args.repeats) for n in faces_list}
     http = {} if args.no_http else {n: bench_http(meshes[n], args.http_repeats) for n in faces_list}
     print()
-    hdr = f"{'faces':>9} {'MB':>7} | {'numpy copy':>11} | {'Stepstone':>10} {'MB/s':>7} {'x floor':>8} | " \
-          f"{'validate':>9} | {'HTTP+b64 GLB':>12} {'x Stepstone':>11}"
+    hdr = f"{'faces':>9} {'MB':>7} | {'numpy copy':>11} | {'bare zmq':>9} | {'Stepstone':>10} {'MB/s':>7} " \
+          f"{'x floor':>8} {'x bare':>7} | {'validate':>9} | {'HTTP+b64 GLB':>12} {'x Stepstone':>11}"
     print(hdr)
     print("-" * len(hdr))
     ok = True
@@ -165,14 +210,18 @@ def main(argv: list[str]) -> int:
         mb = ours[n]["bytes"] / 1e6
         s = ours[n]["seconds"]
         ratio_floor = s / floor[n] if floor[n] > 0 else float("inf")
-        line = (f"{n:>9,} {mb:>7.1f} | {floor[n] * 1e3:>8.2f} ms | {s * 1e3:>7.2f} ms {mb / s:>7.0f} "
-                f"{ratio_floor:>7.1f}x | {ours[n]['validate_s'] * 1e3:>6.2f} ms |")
+        line = (f"{n:>9,} {mb:>7.1f} | {floor[n] * 1e3:>8.2f} ms | {bare[n] * 1e3:>6.2f} ms | {s * 1e3:>7.2f} ms "
+                f"{mb / s:>7.0f} {ratio_floor:>7.1f}x {s / bare[n]:>6.1f}x | {ours[n]['validate_s'] * 1e3:>6.2f} ms |")
         if n in http:
             line += f" {http[n]:>10.3f} s {http[n] / s:>10.0f}x"
             ok &= http[n] / s >= 20
         print(line)
         ok &= ratio_floor <= 3
     print()
+    try:
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    except OSError:  # pragma: no cover - not on every platform
+        pass
     print("goal: Stepstone within 3x of the numpy-copy floor and >= 20x faster than HTTP + base64 GLB: "
           + ("met" if ok else "NOT met on this run"))
     return 0
