@@ -176,7 +176,7 @@ def _parts_mesh() -> trimesh.Trimesh:
 def test_any_mesh_an_artist_may_select_is_stylized(tiny_profile, make):
     mesh = make()
     mi = _mesh_input(mesh, make.__name__)
-    _, tex = _run(tiny_profile, mi, iterations=2, views=1, preview_every=0)
+    _, tex = _run(tiny_profile, mi, iterations=2, views=1, preview_every=0, crops=True)
     assert np.array_equal(tex.faces, mi.faces) and tex.colors.shape == (len(mi.vertices), 3)
     _, shp = _run(tiny_profile, mi, mode="shape", iterations=1, views=1, preview_every=0)
     assert len(shp.faces) > 0

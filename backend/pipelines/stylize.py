@@ -86,6 +86,7 @@ class StylizeConfig:
     eval_views: int = 4  # fixed views for the CLIP score reported before / after
     max_faces: int = DEFAULT_MAX_FACES  # input face limit
     checkpoint: bool = False  # recompute render chunks in backward (bounds memory for big renders)
+    chunk: int = 32768  # rays rendered at a time
 
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -108,6 +109,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "output_resolution": (0, 512),
     "eval_views": (1, 32),
     "max_faces": (1, 2_000_000),
+    "chunk": (256, 1 << 22),
 }
 
 
@@ -451,7 +453,7 @@ class _Stylizer:
         else:
             bg = torch.ones(3, device=self.device)
         out = render(self.render_field, cams, resolution, resolution, n_samples=cfg.n_samples, background=bg,
-                     generator=self.gen, normals=None, checkpoint=cfg.checkpoint)
+                     generator=self.gen, normals=None, checkpoint=cfg.checkpoint, chunk=cfg.chunk)
         img = out["rgb"].permute(0, 3, 1, 2)
         if cfg.crops:
             img = random_crop_perspective(img, AugmentConfig(crops=True), generator=self.gen, fill=bg)
@@ -483,7 +485,7 @@ class _Stylizer:
         cams = orbit_cameras(torch.arange(n) * (360.0 / n) + 30.0, 20.0, device=self.device)
         res = self.cfg.render_resolution
         out = render(self.render_field, cams, res, res, n_samples=self.cfg.n_samples, background="white",
-                     stratified=False, normals=None)
+                     stratified=False, normals=None, chunk=self.cfg.chunk)
         feats = clip.encode_image(out["rgb"].permute(0, 3, 1, 2))
         txt = clip.encode_text([self.cfg.style])
         return float((feats @ txt.t()).mean())
