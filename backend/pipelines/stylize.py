@@ -574,7 +574,7 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     _check_capability(ctx.profile, cfg.mode)
     ctx.cancel.check()
     t0 = time.perf_counter()
-    yield Progress("prepare", 0, 1, f"mesh to SDF grid ({cfg.grid_resolution}^3)")
+    yield Progress("prepare", 0, 1, f"mesh to SDF grid ({cfg.grid_resolution}^3), loading models")
     st = _Stylizer(cfg, inputs[0], ctx)
     ctx.cancel.check()
     yield Progress("prepare", 1, 1, f"ready in {time.perf_counter() - t0:.1f}s")
