@@ -95,7 +95,7 @@ def test_capabilities_follow_the_files(partial_starter):
     assert t2s["options"]["quality"]["fast"]["available"]
     refined = t2s["options"]["quality"]["refined"]
     assert not refined["available"] and "diffusion" in refined["reason"]
-    assert "python -m backend train diffusion" in refined["reason"]
+    assert "python -m backend models download diffusion" in refined["reason"]
     assert not t2s["options"]["diversity"]["prior"]["available"]
     mode = caps["stylize"]["options"]["mode"]
     assert mode["texture"]["available"] and mode["shape"]["available"] and not mode["sds"]["available"]
@@ -145,7 +145,7 @@ def test_manifest_records_hashes_and_detects_tampering(partial_starter, capsys):
     out = capsys.readouterr().out
     assert "ok       clip" in out and "ok       svr" in out
     assert "MISSING  mapper" in out and "sha256" in out
-    assert "MISSING  diffusion" in out and "python -m backend train diffusion" in out
+    assert "MISSING  diffusion" in out and "python -m backend models download diffusion" in out
 
 
 def test_models_check_tiny_loads_everything(capsys):
@@ -185,3 +185,17 @@ def test_pretrained_uses_user_trained_parts(tmp_path):
     prof = registry.load_profile("pretrained")
     assert prof.component("svr").present
     assert isinstance(prof.svr(), SVRModel)
+
+
+def test_starter_uses_a_downloaded_diffusion_model(partial_starter, tmp_path, monkeypatch):
+    from backend.models.diffusion import DiffusionBundle
+
+    DiffusionBundle.tiny().save_pretrained(tmp_path / "sd")
+    monkeypatch.setenv("STEPSTONE_SD_MODEL", str(tmp_path / "sd"))
+    prof = registry.load_profile("starter")
+    caps = prof.capabilities()
+    assert caps["text-to-shape"]["options"]["quality"]["refined"]["available"]
+    assert caps["stylize"]["options"]["mode"]["sds"]["available"]
+    bundle = prof.diffusion()
+    assert bundle.source == str(tmp_path / "sd") and bundle.vae is None
+    assert prof.diffusion() is bundle

@@ -4,7 +4,8 @@ A *profile* names a complete model set (DESIGN.md, "Models, weights and profiles
 
 - ``starter``: small models this project trains on its procedural shape world, shipped in
   ``backend/models/starter/`` (override the folder with ``STEPSTONE_STARTER_DIR``). Until they are trained the
-  capabilities say so and name the command that makes them.
+  capabilities say so and name the command that makes them. The starter set trains no text-to-image model: unless
+  ``starter/diffusion/`` exists it uses the public Stable Diffusion model once that is in the HF cache.
 - ``pretrained``: public weights: open_clip ``ViT-B-32`` with pretrained tag ``laion2b_s34b_b79k`` and a Stable
   Diffusion model id through the Hugging Face cache (``STEPSTONE_SD_MODEL``, default
   ``sd-legacy/stable-diffusion-v1-5``). The ISS SVR model, mapper, diffusion prior and CISP have **no public
@@ -253,6 +254,18 @@ class Profile:
         missing = [f for f in _REQUIRED_FILES[kind] if not (folder / f).is_file()]
         if not missing:
             return ComponentStatus(kind, str(folder), True, "files present", public=self.name != "pretrained")
+        if self.name == "starter" and kind == "diffusion":
+            # The starter set trains no text-to-image model; it uses the public one once it is downloaded.
+            from backend.models import hub
+
+            mid = sd_model_id()
+            present, detail = hub.diffusers_in_cache(mid)
+            if present:
+                return ComponentStatus(kind, f"diffusers {mid}", True, detail)
+            return ComponentStatus(
+                kind, str(folder), False,
+                f"the starter set has no text-to-image model ({folder / missing[0]}) and {mid} is not downloaded",
+                fetch="python -m backend models download diffusion")
         if self.name == "starter":
             return ComponentStatus(kind, str(folder), False,
                                    f"starter weights missing ({folder / missing[0]})", fetch=_train_cmd(kind))
@@ -354,7 +367,7 @@ class Profile:
         key = st.source + (json.dumps(options, sort_keys=True, default=str) if options else "")
         if self.name == "tiny":
             return self._cached("diffusion", key, lambda: diff_mod.DiffusionBundle.tiny(device=self.device))
-        source = sd_model_id() if self.name == "pretrained" else st.source
+        source = sd_model_id() if st.source.startswith("diffusers ") else st.source
         return self._cached("diffusion", key,
                             lambda: diff_mod.DiffusionBundle.from_pretrained(source, device=self.device, **options))
 
