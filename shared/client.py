@@ -125,7 +125,8 @@ class Client:
         return s
 
     def connect(self) -> None:
-        """Open the socket and say hello; returns at once (the ``welcome`` arrives through :meth:`poll`)."""
+        """Open the socket and say hello; returns at once. If the TCP connection is not up yet, the hello goes
+        out from the next :meth:`poll` calls (which also bring the ``welcome``)."""
         self._close_socket()
         self._sock = self._make_socket()
         self._decoder = P.Decoder(self.key, max_bytes=self.max_bytes, kinds=P.SERVER_KINDS)
