@@ -32,7 +32,7 @@ class ClassifierConfig:
     width: int = 32
     n_categories: int = len(CATEGORIES)
     n_colours: int = len(COLOURS)
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 96
     lr: float = 2e-3
     seed: int = 1234  # deliberately not the CLIP seed

@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 class MapperTrainConfig:
     hidden: int = 256
     n_layers: int = 12  # ISS Sec. 3.3.1
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 5e-4  # ISS uses 1e-4 for 400 epochs; a shorter CPU schedule needs a larger step
     lambda_m: float = 0.5  # ISS Sec. 4.2
     noise_max: float = 1.0  # xi of the feature perturbation (noise mixing)
-    decoder_steps: int = 300  # fine-tuning of D with L_D + lambda_bg L_bg
+    decoder_steps: int = 100  # fine-tuning of D with L_D + lambda_bg L_bg
     decoder_lr: float = 2e-4
     lambda_bg: float = 10.0  # ISS Sec. 4.2
     bg_rays: int = 256

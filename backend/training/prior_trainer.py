@@ -28,7 +28,7 @@ class PriorTrainConfig:
     width: int = 256
     layers: int = 4
     heads: int = 4
-    steps: int = 2000
+    steps: int = 800
     batch_size: int = 128
     lr: float = 3e-4
     captions_per_shape: int = 4

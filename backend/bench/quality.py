@@ -1,0 +1,289 @@
+"""``python -m backend bench quality [--quick]``: text-to-shape quality of the starter profile against the
+procedural ground truth on the held-out prompts (issue 9).
+
+For held-out prompts (category/colour/attribute combinations never seen in training, :mod:`backend.training.split`)
+it reports, per method:
+
+- mean volumetric IoU (32^3 cell centres) and F-score (FS@0.05 of the unit cube, ShapeClipper Eq. 8 on 2048
+  surface points) of the generated shape against the exact world shape of that prompt;
+- category and colour accuracy of the independent classifier (:mod:`backend.training.classifier`, a CNN trained
+  separately from the guidance CLIP) on 4 renders of the generated shape;
+
+for the methods ``stage-1`` (mapper only, ``z = M(f_T)``), ``+stage-2`` (ISS++ Sec. 3.3.2, Eq. 3-4) and
+``+diversity`` (Eq. 5 with diffusion-prior samples f_{T->I}, tau = 0.5; also the mean pairwise IoU distance between
+the variants of one prompt). It also prints the ISS++ Table 3 figures ``d(M(f_T), f_S)`` and ``d(M'(f_T), f_S)``
+(relative L2 distance ``|a - f_S| / |f_S|`` between the mapped text feature and the SVR latent of a ground-truth
+render, mean +- std), CISP- vs CLIP-conditioned image-to-shape IoU (paper 002's comparison, 16^3 voxels) and SVR
+reconstruction IoU with vs without semantic shape consistency (paper 004's ablation).
+
+The pipeline functions are those of ``backend.pipelines.iss_stages`` (what ``run text-to-shape`` runs).
+Numbers are measured in one run; nothing here is tuned on the held-out set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("stepstone.bench.quality")
+
+FS_THRESHOLD = 0.05
+EVAL_CAMS = np.array([[30.0, 25.0, 1.6], [120.0, 25.0, 1.6], [210.0, 25.0, 1.6], [300.0, 25.0, 1.6]], np.float32)
+
+
+@dataclass
+class QualitySettings:
+    prompts: int = 26  # two per category
+    variants: int = 2  # diffusion-prior variants per prompt
+    stage2_iterations: int = 20  # ISS++ Sec. 4.2
+    stage2_views: int = 4  # m (the paper uses 10; fewer for the CPU)
+    stage2_resolution: int = 48
+    stage2_samples: int = 32
+    tau: float = 0.5  # Eq. 5, Sec. 4.2
+    cisp_samples: int = 1
+    cisp_steps: int = 25
+    svr_shapes: int = 26
+    seed: int = 0
+
+
+QUICK = QualitySettings(prompts=3, variants=1, stage2_iterations=8, stage2_views=2, stage2_resolution=32,
+                        stage2_samples=24, cisp_steps=8, svr_shapes=6)
+
+
+def _cell_points(res: int) -> torch.Tensor:
+    from backend.training.dataset import grid_points
+
+    return torch.from_numpy(grid_points(res))[None]
+
+
+@torch.no_grad()
+def decoded_occupancy(decoder, z: torch.Tensor, res: int = 32) -> np.ndarray:
+    logits, _ = decoder(_cell_points(res).to(z.device), z.reshape(1, -1))
+    return (logits[0] > 0).cpu().numpy().reshape(res, res, res)
+
+
+def surface_points_from_occ(occ_logits_fn, res: int, n: int, seed: int) -> np.ndarray | None:
+    """Marching cubes of a grid function + area-weighted surface samples (None when empty)."""
+    from backend.fields import grid_points
+    from backend.geometry import extract_mesh
+    from backend.geometry.metrics import sample_surface
+
+    pts = grid_points(res).reshape(-1, 3)
+    grid = occ_logits_fn(pts).reshape(res, res, res)
+    v, f, _ = extract_mesh(grid, level=0.0, inside="above", allow_empty=True)
+    if len(f) == 0:
+        return None
+    return sample_surface(v, f, n, seed=seed)
+
+
+def gt_surface(shape, n: int = 2048, seed: int = 0) -> np.ndarray:
+    return surface_points_from_occ(lambda p: -shape.sdf.sdf(p.numpy()), 64, n, seed)
+
+
+def decoder_surface(decoder, z, n: int = 2048, seed: int = 0) -> np.ndarray | None:
+    @torch.no_grad()
+    def fn(p):
+        logits, _ = decoder(p.reshape(1, -1, 3).to(z.device), z.reshape(1, -1))
+        return logits[0].cpu().numpy()
+
+    return surface_points_from_occ(fn, 48, n, seed)
+
+
+@torch.no_grad()
+def render_decoded(decoder, z, res: int = 64) -> torch.Tensor:
+    """4 white-background renders (4, 3, res, res) of the decoded shape for the classifier."""
+    from backend.fields.adapters import DecoderField
+    from backend.render import render
+    from backend.training.render_world import cameras_from_array
+
+    out = render(DecoderField(decoder, z.reshape(1, -1)), cameras_from_array(EVAL_CAMS, str(z.device)), res, res,
+                 n_samples=64, background="white", stratified=False, normals=None)
+    return out["rgb"].permute(0, 3, 1, 2).cpu()
+
+
+def _mean_std(xs) -> str:
+    xs = np.asarray(xs, np.float64)
+    return f"{xs.mean():.3f} +- {xs.std():.3f}" if len(xs) else "n/a"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m backend bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 prompts, short stage 2 (under a minute on a CPU)")
+    p.add_argument("--prompts", type=int, default=0, help="number of held-out prompts (default 26, quick 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma list of sections to skip: text,cisp,svr")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = QualitySettings(**{**QUICK.__dict__}) if args.quick else QualitySettings()
+    if args.prompts:
+        s.prompts = s.svr_shapes = args.prompts
+    s.seed = args.seed
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+
+    from backend.models.device import resolve_device
+    from backend.models.registry import load_profile, starter_dir
+    from backend.training.classifier import ShapeClassifier
+    from backend.training.split import heldout_benchmark_set
+
+    device = resolve_device(args.device)
+    t_start = time.perf_counter()
+    profile = load_profile("starter", device=device)
+    root = starter_dir()
+    classifier = ShapeClassifier.load(root / "classifier", device=device)
+    shapes = heldout_benchmark_set(s.prompts, seed=s.seed)
+    print(f"bench quality: {len(shapes)} held-out prompts, device {device}, "
+          f"stage 2: {s.stage2_iterations} iterations x {s.stage2_views} views at {s.stage2_resolution}^2")
+    rows: dict[str, dict[str, list]] = {}
+    if "text" not in skip:
+        rows.update(_text_to_shape(profile, classifier, shapes, s, device))
+    if "cisp" not in skip:
+        rows.update(_cisp_vs_clip(profile, root, shapes, s, device))
+    if "svr" not in skip:
+        rows.update(_svr_ablation(profile, root, shapes[: s.svr_shapes], device))
+    print()
+    print("| method | IoU | F-score@0.05 | category acc | colour acc | extra |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        cells = []
+        for key in ("iou", "fscore", "cat", "col"):
+            v = r.get(key)
+            cells.append(f"{np.mean(v):.3f}" if v else "-")
+        print(f"| {name} | " + " | ".join(cells) + f" | {r.get('extra', '')} |")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def _text_to_shape(profile, classifier, shapes, s: QualitySettings, device: str) -> dict:
+    from backend.losses.clip_consistency import blend_target
+    from backend.pipelines.iss_stages import (
+        Stage2Config,
+        ViewConfig,
+        sample_diversity_features,
+        stage1_latent,
+        stage2_align,
+    )
+    from backend.training.captions import caption
+    from backend.training.dataset import voxelize
+    from backend.geometry.metrics import f_score, volumetric_iou
+    from backend.training.render_world import render_shape
+
+    clip, svr, mapper = profile.clip(), profile.svr(), profile.mapper()
+    prior = profile.prior()
+    decoder = svr.decoder
+    view = ViewConfig(resolution=s.stage2_resolution, n_samples=s.stage2_samples)
+    cfg2 = Stage2Config(iterations=s.stage2_iterations, views=s.stage2_views, view=view)
+    names = ("stage-1 (mapper only)", "+ stage-2 alignment", "+ diffusion-prior diversity")
+    rows = {n: {"iou": [], "fscore": [], "cat": [], "col": []} for n in names}
+    d1, d2, div = [], [], []
+    for k, shape in enumerate(shapes):
+        t0 = time.perf_counter()
+        prompt = caption(shape)
+        gt_vox = voxelize(shape, 32)
+        gt_pts = gt_surface(shape, seed=k)
+        with torch.no_grad():
+            f_t = clip.encode_text([prompt]).to(device)
+            gt_img = torch.from_numpy(render_shape(shape, EVAL_CAMS[:1], 64)["rgb"]).permute(0, 3, 1, 2).to(device)
+            f_s = svr.encode(gt_img)
+        latents = {}
+        latents[names[0]] = [stage1_latent(mapper, f_t)]
+        gen = torch.Generator().manual_seed(s.seed + k)
+        al = stage2_align(mapper, decoder, clip, f_t, f_t, cfg2, gen, device)
+        with torch.no_grad():
+            latents[names[1]] = [al.latent()]
+        f_ti = sample_diversity_features(prior, f_t[0], s.variants, seed=s.seed + 1000 * k)
+        var = []
+        for j in range(s.variants):
+            target = blend_target(f_t, f_ti[j:j + 1], s.tau)
+            alj = stage2_align(mapper, decoder, clip, f_t, target, cfg2, torch.Generator().manual_seed(s.seed + k + 7 * j), device)
+            with torch.no_grad():
+                var.append(alj.latent())
+        latents[names[2]] = var
+        rel = lambda a: float((a - f_s).norm() / f_s.norm().clamp_min(1e-8))  # noqa: E731
+        d1.append(rel(latents[names[0]][0]))
+        d2.append(rel(latents[names[1]][0]))
+        for name, zs in latents.items():
+            occs = []
+            for z in zs:
+                occ = decoded_occupancy(decoder, z)
+                occs.append(occ)
+                rows[name]["iou"].append(volumetric_iou(occ, gt_vox))
+                pts = decoder_surface(decoder, z, seed=k)
+                rows[name]["fscore"].append(0.0 if pts is None else f_score(pts, gt_pts, FS_THRESHOLD))
+                cat, col = classifier.predict_shape(render_decoded(decoder, z).to(device))
+                rows[name]["cat"].append(float(cat == shape.category))
+                rows[name]["col"].append(float(col == shape.colour))
+            if name == names[2] and len(occs) > 1:
+                pair = [1 - volumetric_iou(a, b) for i, a in enumerate(occs) for b in occs[i + 1:]]
+                div.append(float(np.mean(pair)))
+        log.info("prompt %d/%d %r: stage-1 IoU %.3f, stage-2 IoU %.3f (%.1fs)", k + 1, len(shapes), prompt,
+                 rows[names[0]]["iou"][-1], rows[names[1]]["iou"][-1], time.perf_counter() - t0)
+    rows[names[0]]["extra"] = f"d(M(f_T), f_S) = {_mean_std(d1)}"
+    rows[names[1]]["extra"] = f"d(M'(f_T), f_S) = {_mean_std(d2)}"
+    rows[names[2]]["extra"] = f"{s.variants} variants/prompt, pairwise 1-IoU = {_mean_std(div) if div else 'n/a'}"
+    return rows
+
+
+def _cisp_vs_clip(profile, root: Path, shapes, s: QualitySettings, device: str) -> dict:
+    import torch.nn.functional as F
+
+    from backend.geometry.metrics import volumetric_iou
+    from backend.models.cisp import CISP
+    from backend.training.dataset import voxelize
+    from backend.training.render_world import render_shape
+
+    cisp = profile.cisp()
+    clip = profile.clip()
+    base_dir = root / "cisp_clipcond"
+    base = CISP.load(base_dir, device=device) if (base_dir / "config.json").is_file() else None
+    res = cisp.config.voxel_res
+    rows = {"image-to-shape, CISP-conditioned": {"iou": []}}
+    if base is not None:
+        rows["image-to-shape, CLIP-conditioned"] = {"iou": []}
+    for k, shape in enumerate(shapes):
+        gt = voxelize(shape, 32)
+        gt_r = (F.adaptive_avg_pool3d(torch.from_numpy(gt.astype(np.float32))[None, None], res)[0, 0] >= 0.25).numpy()
+        img = torch.from_numpy(render_shape(shape, EVAL_CAMS[:1], 64)["rgb"]).permute(0, 3, 1, 2).to(device)
+        for name, model, emb in (("image-to-shape, CISP-conditioned", cisp, lambda: cisp.encode_image(img)),
+                                 ("image-to-shape, CLIP-conditioned", base, lambda: clip.encode_image(img).float())):
+            if model is None:
+                continue
+            with torch.no_grad():
+                cond = emb().repeat(s.cisp_samples, 1)
+                vox = model.sample(cond, steps=s.cisp_steps, generator=torch.Generator().manual_seed(s.seed + k))
+            for v in vox:
+                rows[name]["iou"].append(volumetric_iou(v.cpu().numpy() > 0.5, gt_r))
+    for r in rows.values():
+        r["extra"] = f"{res}^3 voxels, {s.cisp_steps} DDIM steps, paper 002"
+    return rows
+
+
+def _svr_ablation(profile, root: Path, shapes, device: str) -> dict:
+    from backend.geometry.metrics import volumetric_iou
+    from backend.models.svr import SVRModel
+    from backend.training.dataset import voxelize
+    from backend.training.render_world import render_shape
+
+    models = {"SVR with semantic consistency (paper 004)": profile.svr()}
+    no_ssc = root / "svr_no_ssc"
+    if (no_ssc / "config.json").is_file():
+        models["SVR without semantic consistency"] = SVRModel.load(no_ssc, device=device)
+    rows = {n: {"iou": []} for n in models}
+    for k, shape in enumerate(shapes):
+        gt = voxelize(shape, 32)
+        img = torch.from_numpy(render_shape(shape, EVAL_CAMS[1:2], 64)["rgb"]).permute(0, 3, 1, 2).to(device)
+        for name, svr in models.items():
+            with torch.no_grad():
+                z = svr.encode(img)
+            rows[name]["iou"].append(volumetric_iou(decoded_occupancy(svr.decoder, z), gt))
+    for r in rows.values():
+        r["extra"] = "single-view reconstruction of held-out shapes"
+    return rows
