@@ -315,6 +315,24 @@ class STEPSTONE_OT_reimport(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class STEPSTONE_OT_list_backend_jobs(bpy.types.Operator):
+    """Ask the backend for its stored jobs (also those of earlier Blender sessions) to re-import their results"""
+
+    bl_idname = "stepstone.list_backend_jobs"
+    bl_label = "Backend jobs"
+
+    @classmethod
+    def poll(cls, context):
+        if not _session.get().connected:
+            cls.poll_message_set("not connected to a backend")
+            return False
+        return True
+
+    def execute(self, context):
+        _session.get().refresh_backend_jobs()
+        return {"FINISHED"}
+
+
 class STEPSTONE_OT_clear_finished(bpy.types.Operator):
     """Remove finished jobs from the list (their objects stay in the scene)"""
 
@@ -337,5 +355,6 @@ classes = (
     STEPSTONE_OT_gallery,
     STEPSTONE_OT_cancel,
     STEPSTONE_OT_reimport,
+    STEPSTONE_OT_list_backend_jobs,
     STEPSTONE_OT_clear_finished,
 )

@@ -142,6 +142,21 @@ class STEPSTONE_PT_jobs(_Panel, bpy.types.Panel):
                     op.job = job.key
             if job.images:
                 box.label(text=f"images: {', '.join(job.images)[:60]}", icon="IMAGE_DATA")
+        # finished jobs the backend keeps from earlier sessions (closed or crashed Blender)
+        row = layout.row()
+        row.operator("stepstone.list_backend_jobs", icon="FILE_REFRESH")
+        known = {j.job_id for j in s.jobs}
+        older = [j for j in s.backend_jobs if j.get("state") == "done" and j.get("job") not in known]
+        if older:
+            box = layout.box()
+            box.label(text="Stored on the backend:")
+            for info in older[-8:][::-1]:
+                params = info.get("params") or {}
+                text = params.get("prompt") or params.get("style") or info.get("job", "")
+                r = box.row()
+                r.label(text=f"{info.get('workflow', '?')}: {str(text)[:40]}")
+                op = r.operator("stepstone.reimport", text="", icon="IMPORT")
+                op.job = info.get("job", "")
 
 
 def _wrap(text: str, width: int) -> list[str]:

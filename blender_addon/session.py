@@ -8,6 +8,7 @@ at once. Network faults become a status line and job messages, never an exceptio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -27,6 +28,9 @@ TICK_BUDGET_S = 0.02  # work per tick (receiving + building); the rest of the fr
 FAST_INTERVAL_S = 0.02
 IDLE_INTERVAL_S = 0.25
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+SUBMIT_ACK_TIMEOUT_S = 20.0  # a request not acknowledged by then is looked up in the backend's job list
+SUBMIT_LOST_S = 120.0  # ...and counted as lost when it is still not in that list after this long
+RECONCILE_EVERY_S = 10.0
 
 
 class ConnectError(Exception):
@@ -64,6 +68,7 @@ class Session:
         self.lost_reason = ""  # why the last connection dropped (kept while reconnecting)
         self._local_exit_reported = False
         self.restarts = 0
+        self._last_reconcile = 0.0
 
     # ---------------------------------------------------------------------------------------------- status
     @property
@@ -258,8 +263,11 @@ class Session:
     def reimport(self, key: str) -> None:
         """Fetch a finished job's stored results again; they arrive as new objects in a new collection."""
         job = self.find(key)
-        if job is None:
-            job = JobRecord(request_id=key, workflow="?", label=f"job {key[:8]}", job_id=key, state="done")
+        if job is None:  # a job of an earlier Blender session, from the backend's list
+            info = next((j for j in self.backend_jobs if j.get("job") == key), {})
+            prompt = (info.get("params") or {}).get("prompt") or (info.get("params") or {}).get("style") or ""
+            job = JobRecord(request_id=key, workflow=str(info.get("workflow", "?")), job_id=key, state="done",
+                            label=(prompt[:40] or f"job {key[-8:]}"), placement=Placement(collection="Stepstone"))
             self.jobs.insert(0, job)
         if job.job_id is None:
             raise ConnectError("this job never reached the backend; nothing to re-import")
@@ -269,6 +277,7 @@ class Session:
             self.client.fetch(job.job_id)
         except _shared().client.ClientError as exc:
             raise ConnectError(str(exc)) from None
+        job.placement = dataclasses.replace(job.placement, replace_source=False)  # re-import: new objects
         job.slots = {}
         job.slot_order = []
         job.finals = set()
@@ -299,6 +308,7 @@ class Session:
                 for msg in msgs:
                     self._dispatch(msg)
             self.stream.work(deadline)
+            self._maybe_reconcile()
         except Exception:  # never let the timer die or an exception reach the artist
             log.exception("Stepstone poll failed")
         dt = time.perf_counter() - t0
@@ -309,6 +319,17 @@ class Session:
             _redraw()
         busy = self.stream.busy or any(j.active for j in self.jobs) or self.state == "connecting"
         return FAST_INTERVAL_S if busy else IDLE_INTERVAL_S
+
+    def _maybe_reconcile(self) -> None:
+        """Ask for the job list when a request waits too long for `accepted` (it may have been lost)."""
+        if not self.connected:
+            return
+        now = time.time()
+        if now - self._last_reconcile < RECONCILE_EVERY_S:
+            return
+        if any(j.state == "submitting" and now - j.submitted > SUBMIT_ACK_TIMEOUT_S for j in self.jobs):
+            self._last_reconcile = now
+            self.refresh_backend_jobs()
 
     def _maybe_connect_local(self) -> None:
         if not self._pending_local_connect:
@@ -457,16 +478,28 @@ class Session:
             self.stream.drop_job(job.key)
 
     def _on_jobs(self, msg, f) -> None:
+        """Reconcile active jobs with the backend's list (after a reconnect events may have been missed)."""
         self.backend_jobs = list(f.get("jobs") or [])
         by_id = {str(j.get("job") or j.get("id")): j for j in self.backend_jobs if isinstance(j, dict)}
+        by_ref = {str(j.get("ref")): j for j in self.backend_jobs if isinstance(j, dict) and j.get("ref")}
         for job in self.jobs:
-            if not job.active or job.job_id is None:
+            if not job.active:
                 continue
+            if job.job_id is None:
+                info = by_ref.get(job.request_id)
+                if info is None:
+                    if time.time() - job.submitted > SUBMIT_LOST_S:
+                        job.finish("lost", "the backend never received this request; run it again")
+                    continue
+                job.job_id = str(info.get("job"))  # the `accepted` message was lost; found by its ref
+                job.state = "queued"
             info = by_id.get(job.job_id)
             if info is None:
                 job.finish("lost", "the backend no longer knows this job")
                 continue
             state = str(info.get("state") or info.get("status") or "")
+            if state == "running":
+                job.state = "running"
             if state in FINISHED_STATES and state != job.state:
                 job.finish(state, str(info.get("error") or info.get("message") or ""))
                 if state == "done":

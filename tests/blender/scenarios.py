@@ -76,7 +76,8 @@ class Driver:
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; state {self.s.state}, "
-                                   f"reason {self.s.reason!r}, jobs {[(j.workflow, j.state, j.error) for j in self.s.jobs]}")
+                                   f"reason {self.s.reason!r}, jobs {[(j.workflow, j.state, j.error) for j in self.s.jobs]}"
+                                   f", notices {list(self.s.notices)}")
             time.sleep(0.005)
 
     def prefs(self):
@@ -86,8 +87,8 @@ class Driver:
         p = self.prefs()
         p.connection_mode = "AUTO"
         p.connection_file = connection_file
-        p.heartbeat_s = 0.25
-        p.timeout_s = 2.0
+        p.heartbeat_s = 0.5
+        p.timeout_s = 10.0  # a 2-core machine shared with torch jobs can delay heartbeats by seconds
         assert self.bpy.ops.stepstone.connect() == {"FINISHED"}
         self.until(lambda: self.s.connected, timeout, "connection")
 
@@ -118,10 +119,15 @@ def mesh_summary(bpy, obj) -> dict:
     return out
 
 
+ONLY: set = set()  # --only: run just these steps (development)
+
+
 def step(results: dict, name: str):
     """Decorator-ish context: run ``fn`` and store its dict (or the error) under ``name``."""
 
     def run(fn):
+        if ONLY and name not in ONLY:
+            return {}
         t0 = time.monotonic()
         try:
             out = fn() or {}
@@ -423,7 +429,9 @@ def main() -> int:
     ap.add_argument("--result", required=True)
     ap.add_argument("--connection-file", default="")
     ap.add_argument("--options", default="{}", help="JSON: workflow -> extra options for the operators")
+    ap.add_argument("--only", default="", help="comma separated steps to run (default: all)")
     args = ap.parse_args()
+    ONLY.update(x for x in args.only.split(",") if x)
     home = Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     results: dict = {}

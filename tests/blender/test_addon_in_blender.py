@@ -16,10 +16,22 @@ pytestmark = [pytest.mark.blender, pytest.mark.timeout(900)]
 
 # small settings for the tiny profile on a 2-core CPU, sent through the operators' JSON options
 TINY_OPTIONS = {
-    "text-to-shape": {"iterations": 2, "views": 2, "render_resolution": 32, "n_samples": 16, "resolution": 24,
-                      "preview_resolution": 16, "preview_every": 1},
-    "stylize": {"iterations": 2, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 24},
-    "gallery": {"steps": 2, "views": 2, "render_resolution": 32, "resolution": 24},
+    "text-to-shape": {"iterations": 2, "views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16,
+                      "preview_resolution": 12, "preview_every": 1},
+    "stylize": {"iterations": 4, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 32,
+                "preview_every": 2, "eval_views": 2},
+    "gallery": {"config": {
+        "render": {"views": 3, "resolution": 16, "sdf_resolution": 16, "n_samples": 12},
+        "reference_views": 3,
+        "finetune": {"iterations_single": 2, "iterations_multi": 3, "batch_size": 2},
+        "concept": {"steps": 2},
+        "lift": {"steps": 2, "voxel_upsample": 2, "mesh_resolution": 16},
+        "concept_prior": {"augmented_views": 2, "iterations": 2, "augment_steps": 4},
+        "optimize": {"iterations": 4, "resolution": 16, "grid_resolution": 16, "n_samples": 12, "mesh_every": 2,
+                     "preview_resolution": 16},
+        "score_views": 2,
+        "score_resolution": 16,
+    }},
 }
 
 
