@@ -16,19 +16,8 @@ from backend.pipelines import get_workflow
 from backend.pipelines.theme.concepts import subject_from_name, theme_prompt
 from backend.pipelines.theme.finetune import FinetuneConfig, finetune
 
-# Every stage shrunk to seconds on a CPU (the paper's sizes are the dataclass defaults).
-TINY = {
-    "render": {"views": 3, "resolution": 16, "sdf_resolution": 16, "n_samples": 12},
-    "reference_views": 3,
-    "finetune": {"iterations_single": 2, "iterations_multi": 3, "batch_size": 2},
-    "concept": {"steps": 2},
-    "lift": {"steps": 2, "voxel_upsample": 2, "mesh_resolution": 16},
-    "concept_prior": {"augmented_views": 2, "iterations": 2, "augment_steps": 4},
-    "optimize": {"iterations": 2, "resolution": 16, "grid_resolution": 16, "n_samples": 12, "mesh_every": 1,
-                 "preview_resolution": 16},
-    "score_views": 2,
-    "score_resolution": 16,
-}
+# Every stage shrunk to seconds on a CPU: the workflow's "smoke" preset (the paper's sizes are the defaults).
+SMOKE = {"preset": "smoke"}
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +204,7 @@ def test_subject_from_object_names():
 def test_gallery_of_three_from_two_exemplars(profile):
     wf = get_workflow("gallery")
     inputs = [_mesh("box", "House", (200, 60, 40)), _mesh("cyl", "Tower.001", (40, 90, 200))]
-    params = wf.validate({"count": 3, "subjects": ["a well", "a gate"], "config": TINY}, inputs)
+    params = wf.validate({"count": 3, "subjects": ["a well", "a gate"], **SMOKE}, inputs)
     ctx = JobContext(profile=profile, device="cpu", seed=3)
     events = list(wf.run(params, inputs, ctx))
     images = [e for e in events if isinstance(e, Image)]
@@ -245,8 +234,7 @@ def test_gallery_of_three_from_two_exemplars(profile):
 def test_gallery_cancel_during_finetuning(profile):
     wf = get_workflow("gallery")
     inputs = [_mesh("box", "House", (200, 60, 40))]
-    cfg = dict(TINY, finetune={"iterations_single": 100, "batch_size": 2})
-    params = wf.validate({"count": 2, "config": cfg}, inputs)
+    params = wf.validate({"count": 2, **SMOKE, "config": {"finetune": {"iterations_single": 100}}}, inputs)
     ctx = JobContext(profile=profile, device="cpu", seed=0)
     seen = []
     with pytest.raises(Cancelled):
@@ -291,7 +279,23 @@ def test_gallery_rejects_profiles_without_a_diffusion_model(tmp_path, monkeypatc
     monkeypatch.setenv("STEPSTONE_STARTER_DIR", str(tmp_path / "nothing"))
     wf = get_workflow("gallery")
     inputs = [_mesh("box", "House", (200, 60, 40))]
-    params = wf.validate({"count": 1, "config": TINY}, inputs)
+    params = wf.validate({"count": 1, **SMOKE}, inputs)
     with pytest.raises(StepstoneError) as info:
         list(wf.run(params, inputs, JobContext(profile=load_profile("starter"), device="cpu")))
     assert info.value.code == "model_unavailable" and "diffusion" in info.value.message
+
+
+def test_cli_gallery_writes_one_glb_per_asset(tmp_path, profile):
+    from backend.cli import main
+    from backend.geometry.io import export_mesh, load_mesh
+
+    m = _mesh("box", "House", (200, 60, 40))
+    export_mesh(tmp_path / "house.glb", m.vertices, m.faces, m.colors)
+    out = tmp_path / "gallery"
+    rc = main(["run", "gallery", "--profile", "tiny", "--device", "cpu", "--exemplar", str(tmp_path / "house.glb"),
+               "--subject", "a barn", "--count", "1", "--preset", "smoke", "--out", str(out)])
+    assert rc == 0
+    assert len(load_mesh(out / "item_0.glb").faces) > 0
+    assert len(list((out / "images").glob("*.png"))) == 1  # the concept image
+    assert main(["run", "gallery", "--profile", "tiny", "--exemplar", str(tmp_path / "house.glb"),
+                 "--config", "{not json", "--out", str(out)]) == 2

@@ -162,7 +162,7 @@ def _sds_band(
     band = ((t_lo + 0.5) / n, (t_hi + 0.5) / n)
     with use_adapter(prior.bundle, prior.adapter):
         terms = sds_terms(prior.bundle, images, cond, prior.uncond, guidance_scale, band, generator=generator)
-    latents, grad = terms["latents"], terms["grad"]
+    latents, grad = terms["latents"].float(), terms["grad"].float()  # fp32 sum: fp16 latents would overflow
     loss = 0.5 * F.mse_loss(latents, (latents - grad).detach(), reduction="sum")
     return loss, terms["t"]
 

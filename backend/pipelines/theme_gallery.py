@@ -25,7 +25,8 @@ normal maps apart; set it False for two separate fine-tunes as in the paper); ca
 view word instead of an extra condition; a DVGO grid instead of DMTet; no contextual loss.
 
 CLI: ``python -m backend run gallery --exemplar a.glb [--exemplar b.glb ...] [--subject "..."]... --count N
---out DIR``. ``--preset preview`` shrinks every stage for a quick look on a CPU.
+--out DIR``. ``--preset preview`` shrinks every stage for a quick look on a CPU; ``--preset smoke`` (seconds, tiny
+profile) only checks the path end to end; ``--config JSON`` overrides any stage size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Optional
@@ -91,6 +93,19 @@ PRESETS: dict[str, dict] = {
                      "mesh_every": 50, "preview_resolution": 48},
         "score_views": 4,
     },
+    # Seconds on a CPU with the tiny profile: checks the whole path end to end (tests, smoke runs), nothing more.
+    "smoke": {
+        "render": {"views": 3, "resolution": 16, "sdf_resolution": 16, "n_samples": 12},
+        "reference_views": 3,
+        "finetune": {"iterations_single": 2, "iterations_multi": 3, "batch_size": 2},
+        "concept": {"steps": 2},
+        "lift": {"steps": 2, "voxel_upsample": 2, "mesh_resolution": 16},
+        "concept_prior": {"augmented_views": 2, "iterations": 2, "augment_steps": 4},
+        "optimize": {"iterations": 2, "resolution": 16, "grid_resolution": 16, "n_samples": 12, "mesh_every": 1,
+                     "preview_resolution": 16},
+        "score_views": 2,
+        "score_resolution": 16,
+    },
 }
 
 
@@ -141,15 +156,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lift", default="auto", choices=i2s.METHODS, help="image-to-shape model for the initial model")
     parser.add_argument("--finetune", default="lora", choices=("lora", "full"), help="theme fine-tuning method")
     parser.add_argument("--iterations", type=int, default=None, help="DSD iterations (overrides the preset)")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help='stage sizes as JSON, e.g. \'{"optimize": {"resolution": 256}}\' (see GalleryConfig)')
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
     from backend.geometry.io import load_mesh
 
     inputs = [load_mesh(p) for p in args.exemplar]
-    config: dict = {"lift": {"method": args.lift}, "finetune": {"method": args.finetune}}
+    config: dict = {}
+    if args.config:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--config is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise InputError("--config must be a JSON object")
+    config.setdefault("lift", {})["method"] = args.lift
+    config.setdefault("finetune", {})["method"] = args.finetune
     if args.iterations is not None:
-        config["optimize"] = {"iterations": args.iterations}
+        config.setdefault("optimize", {})["iterations"] = args.iterations
     params = {"count": args.count, "subjects": list(args.subject), "theme_subject": args.theme_subject,
               "preset": args.preset, "config": config}
     return params, inputs

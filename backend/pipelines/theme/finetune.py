@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -141,7 +142,9 @@ def finetune(
     adapter: Optional[str] = None
     if cfg.method == "lora":
         adapter = f"{name}_{uuid.uuid4().hex[:8]}"
-        params = bundle.add_lora(rank=cfg.lora_rank, adapter_name=adapter)
+        with warnings.catch_warnings():  # several adapters on one UNet is intended (theme, reference, concept)
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            params = bundle.add_lora(rank=cfg.lora_rank, adapter_name=adapter)
         model_bundle, lr = bundle, cfg.lr_lora
     else:
         model_bundle = copy.copy(bundle)

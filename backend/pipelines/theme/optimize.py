@@ -50,6 +50,7 @@ class OptimizeConfig:
     mesh_every: int = 250  # intermediate mesh every this many iterations (cheap, low resolution)
     preview_resolution: int = 64  # marching-cubes grid of the intermediate meshes
     target_faces: Optional[int] = 100_000  # final mesh decimation bound
+    checkpoint: bool = True  # recompute render chunks in backward (bounds memory at 512 px x 128 samples)
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.resolution < 8 or self.grid_resolution < 8 or self.views_per_step < 1:
@@ -120,7 +121,7 @@ def optimize_dsd(
                               device=device)
         bg = torch.rand(cfg.views_per_step, 3, generator=gen).to(device)
         out = render(field, cams, res, res, n_samples=cfg.n_samples, background=bg, generator=gen, stratified=True,
-                     normals="fd")
+                     normals="fd", checkpoint=cfg.checkpoint)
         rgb = out["rgb"].permute(0, 3, 1, 2)
         nrm = (normal_image(out["normal"], out["alpha"], background=0.0)
                + (1.0 - out["alpha"])[..., None] * bg[:, None, None, :]).clamp(0, 1).permute(0, 3, 1, 2)
