@@ -42,10 +42,18 @@ def stage(bpy, objects: list, out: Path, resolution: tuple[int, int], samples: i
     for ob in list(scn.objects):
         if ob not in objects:
             bpy.data.objects.remove(ob)
-    pts = [ob.matrix_world @ Vector(c) for ob in objects for c in ob.bound_box]
-    lo = Vector((min(p.x for p in pts), min(p.y for p in pts), min(p.z for p in pts)))
-    hi = Vector((max(p.x for p in pts), max(p.y for p in pts), max(p.z for p in pts)))
+    import numpy as np
+
+    bpy.context.view_layer.update()  # matrix_world follows location only after an update
+    boxes = []
+    for ob in objects:
+        co = np.empty(len(ob.data.vertices) * 3, np.float32)
+        ob.data.vertices.foreach_get("co", co)
+        co = co.reshape(-1, 3) @ np.array(ob.matrix_world)[:3, :3].T + np.array(ob.matrix_world)[:3, 3]
+        boxes += [co.min(0), co.max(0)]
+    lo, hi = Vector(np.min(boxes, axis=0).tolist()), Vector(np.max(boxes, axis=0).tolist())
     center, size = (lo + hi) / 2, max((hi - lo).length, 1e-3)
+    print(f"framing {len(objects)} objects: bounds {tuple(lo)} .. {tuple(hi)}")
 
     bpy.ops.mesh.primitive_plane_add(size=size * 20, location=(center.x, center.y, lo.z))
     floor = bpy.context.active_object
@@ -61,7 +69,7 @@ def stage(bpy, objects: list, out: Path, resolution: tuple[int, int], samples: i
     cam = bpy.data.objects.new("Camera", cam_data)
     scn.collection.objects.link(cam)
     direction = Vector((1.0, -1.6, 0.9)).normalized()
-    cam.location = center + direction * size * 2.1
+    cam.location = center + direction * size * 1.9
     cam.rotation_euler = (center - cam.location).to_track_quat("-Z", "Y").to_euler()
     scn.camera = cam
 
