@@ -26,24 +26,45 @@ COLOR_ATTRIBUTE = "Col"
 SYNC_PREP_FACES = 20_000  # below this, preparing inline is cheaper than a thread hand-off
 
 
-class MeshBuild:
-    """Builds one new mesh datablock from a :class:`PreparedMesh`, one stage per :meth:`step` call."""
+def can_update_in_place(me: Optional[bpy.types.Mesh], p: PreparedMesh) -> bool:
+    """True when ``me`` is one of our meshes with exactly ``p``'s element counts, used by nothing else.
 
-    def __init__(self, prepared: PreparedMesh, datablock_name: str, *, smooth: bool = True) -> None:
+    All its faces are then triangles (3M corners over M faces of at least 3 corners each), so its face offsets are
+    already 0, 3, 6, ... and every remaining array has a raw ``foreach_set`` path: an update of a mesh whose size
+    did not change (texture stylization, fixed-topology previews) skips the one slow stage.
+    """
+    return (
+        me is not None
+        and bool(me.get("stepstone"))
+        and me.users <= 1
+        and not me.is_editmode
+        and len(me.vertices) == p.n_vertices
+        and len(me.edges) == p.n_edges
+        and len(me.polygons) == p.n_faces
+        and len(me.loops) == p.n_corners
+    )
+
+
+class MeshBuild:
+    """Builds a mesh datablock from a :class:`PreparedMesh`, one stage per :meth:`step` call.
+
+    With ``reuse`` (see :func:`can_update_in_place`) the existing datablock is overwritten instead of a new one
+    being made.
+    """
+
+    def __init__(self, prepared: PreparedMesh, datablock_name: str, *, smooth: bool = True,
+                 reuse: Optional[bpy.types.Mesh] = None) -> None:
         self.p = prepared
         self.name = datablock_name
         self.smooth = smooth
-        self.mesh: Optional[bpy.types.Mesh] = None
-        self._stages: list[Callable[[], None]] = [
-            self._allocate,
-            self._positions,
-            self._edges,
-            self._corner_verts,
-            self._corner_edges,
-            self._face_offsets,
-            self._colors,
-            self._finish,
-        ]
+        self.in_place = reuse is not None and can_update_in_place(reuse, prepared)
+        self.mesh: Optional[bpy.types.Mesh] = reuse if self.in_place else None
+        stages: list[Callable[[], None]] = [] if self.in_place else [self._allocate]
+        stages += [self._positions, self._edges, self._corner_verts, self._corner_edges]
+        if not self.in_place:
+            stages.append(self._face_offsets)
+        stages += [self._colors, self._finish]
+        self._stages = stages
         self._i = 0
 
     @property
@@ -65,8 +86,8 @@ class MeshBuild:
         return self.mesh
 
     def discard(self) -> None:
-        """Drop a half-built mesh (e.g. its job was cancelled)."""
-        if self.mesh is not None and self.mesh.users == 0:
+        """Drop a half-built mesh (e.g. its job was cancelled); a mesh updated in place stays."""
+        if self.mesh is not None and not self.in_place and self.mesh.users == 0:
             bpy.data.meshes.remove(self.mesh)
         self.mesh = None
 
@@ -106,7 +127,12 @@ class MeshBuild:
             return
         me = self.mesh
         # FLOAT_COLOR + linear values: a raw buffer copy (BYTE_COLOR's color_srgb converts per element)
-        attr = me.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
+        attr = me.color_attributes.get(COLOR_ATTRIBUTE)
+        if attr is not None and (attr.data_type != "FLOAT_COLOR" or attr.domain != "POINT"):
+            me.color_attributes.remove(attr)
+            attr = None
+        if attr is None:
+            attr = me.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
         attr.data.foreach_set("color", self.p.colors)
         me.color_attributes.active_color = attr
         try:
@@ -152,9 +178,11 @@ class StreamQueue:
     "The wire"). Everything that touches ``bpy`` runs in :meth:`work`, on the main thread.
     """
 
-    def __init__(self, apply: ApplyFn, fail: FailFn, *, max_faces: Optional[int] = None) -> None:
+    def __init__(self, apply: ApplyFn, fail: FailFn, *, max_faces: Optional[int] = None,
+                 current: Optional[Callable[[MeshUpdateItem], Optional[bpy.types.Mesh]]] = None) -> None:
         self.apply = apply
         self.fail = fail
+        self.current = current  # the slot's mesh now in the scene (a candidate for an in-place update)
         self.max_faces = max_faces
         self._pending: "OrderedDict[tuple[str, str, int], MeshUpdateItem]" = OrderedDict()
         self._counter = 0
@@ -258,7 +286,8 @@ class StreamQueue:
                 continue
             item.prepared = prepared
             item.vertices = item.faces = item.colors = None  # type: ignore[assignment]  # release the frames
-            self._build = (item, MeshBuild(prepared, f"{item.slot}"))
+            reuse = self.current(item) if self.current is not None else None
+            self._build = (item, MeshBuild(prepared, f"{item.slot}", reuse=reuse))
             return True
         return False
 

@@ -57,7 +57,7 @@ class Session:
         self.jobs: list[JobRecord] = []
         self.notices: deque[str] = deque(maxlen=8)
         self.last_error = ""
-        self.stream = StreamQueue(self._apply_mesh, self._mesh_failed)
+        self.stream = StreamQueue(self._apply_mesh, self._mesh_failed, current=self._current_mesh)
         self.local = LocalBackend()
         self.longest_tick_s = 0.0
         self.ticks = 0
@@ -546,6 +546,12 @@ class Session:
         if item.final:
             job.finals.add(item.slot)
         self._ui_dirty = True
+
+    def _current_mesh(self, item: MeshUpdateItem) -> Optional[bpy.types.Mesh]:
+        """The mesh now shown for ``item``'s slot (the stream may update it in place when the size matches)."""
+        job = self.find(item.job)
+        obj = self._slot_object(job, item.slot) if job is not None else None
+        return obj.data if obj is not None else None
 
     def _slot_object(self, job: JobRecord, slot: str) -> Optional[bpy.types.Object]:
         name = job.slots.get(slot)

@@ -317,6 +317,30 @@ def group_main(bpy, mod, args, results: dict) -> None:
                 "collection_objects": sorted(o.name for o in bpy.data.collections[job.collection_actual].objects)
                 if job.collection_actual else []}
 
+    @step(results, "in_place")
+    def _():
+        """A fixed-size stream (the diagnostic torus) updates the slot's mesh datablock in place."""
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        job = s.submit("diagnostic", {"steps": 4, "faces": 6000, "delay": 0.2}, None, "fixed topology",
+                       Placement(collection="Stepstone: in place"))
+        meshes = []
+
+        def cond():
+            name = job.slots.get("diagnostic")
+            if name:
+                me = bpy.data.objects[name].data
+                ptr = me.as_pointer()
+                if not meshes or meshes[-1][0] != ptr:
+                    meshes.append((ptr, me.name))
+            return d.job_settled(job)
+
+        d.until(cond, 60, "fixed-topology job")
+        ob = bpy.data.objects[job.slots["diagnostic"]]
+        cols = mesh_summary(bpy, ob)
+        return {"state": job.state, "meshes_received": job.meshes_received, "datablocks": len(meshes),
+                "object": cols}
+
     @step(results, "cancel")
     def _():
         from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]

@@ -149,6 +149,14 @@ def test_gallery_of_three_in_new_collection_on_grid(main_run):
     assert sorted(map(tuple, rel)) == [(0.0, -1.5, 0.0), (0.0, 0.0, 0.0), (1.5, 0.0, 0.0)]
 
 
+def test_fixed_size_stream_updates_the_mesh_in_place(main_run):
+    s = step(main_run, "in_place")
+    assert s["state"] == "done" and s["meshes_received"] >= 3
+    assert s["datablocks"] == 1, "same-size updates should overwrite the slot's mesh, not make new datablocks"
+    _check_object(s["object"])
+    assert s["object"]["colour_attribute"]["mean"][2] > 0.9  # the last step's colours (blue = 255 at t=1)
+
+
 def test_cancel_stops_a_running_job(main_run):
     s = step(main_run, "cancel")
     assert s["state"] == "cancelled"
