@@ -238,19 +238,20 @@ def _check_profile(profile: Any, cfg: GalleryConfig) -> str:
 
 def _render_exemplars(inputs: list[MeshInput], cfg: GalleryConfig, gen: torch.Generator, device: str, cancel
                       ) -> Iterator[Any]:
-    """Stage 1: renders of every exemplar (max(views, reference_views) each). Returns (renders, fields, scale)."""
+    """Stage 1: renders of every exemplar (max(views, reference_views) each). Returns (renders, mean size of the
+    exemplars in world units: the longest side of their bounding boxes)."""
     n_views = max(cfg.render.views, cfg.reference_views)
     out: list[Renders] = []
     scales = []
     for i, m in enumerate(inputs):
         cancel.check()
         yield Progress("renders", i, len(inputs), f"rendering exemplar {m.name}")
-        fld, norm = mesh_field(m, cfg.render.sdf_resolution, cfg.render.beta, device)
+        fld, _ = mesh_field(m, cfg.render.sdf_resolution, cfg.render.beta, device)
         az, el, bg = random_viewpoints(n_views, cfg.render.elevations, gen, device)
         rgb, nrm = render_views(fld, az, el, cfg.render.resolution, bg, cfg.render.n_samples,
                                 cfg.render.views_per_batch, gen)
         out.append(Renders(m.name, rgb.detach(), nrm.detach(), az.cpu(), el.cpu(), bg.cpu()))
-        scales.append(1.0 / norm.scale)
+        scales.append(_extent(world_vertices(m)[np.unique(np.asarray(m.faces, dtype=np.int64))]))
         del fld
     yield Progress("renders", len(inputs), len(inputs), "exemplar renders done")
     return out, float(np.mean(scales))
@@ -280,7 +281,7 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
     priors: list[TunedPrior] = []
     try:
         # 1. exemplar renders
-        renders, world_scale = yield from _render_exemplars(inputs, cfg, gen, device, cancel)
+        renders, world_size = yield from _render_exemplars(inputs, cfg, gen, device, cancel)
 
         # 2. theme fine-tuning (Sec. 3.1) [+ reference prior, Sec. 3.3.3]
         n_theme = cfg.render.views
@@ -337,6 +338,8 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
             cancel.check()
             yield Progress("initial model", i, count, f"{name}: lifting the concept image ({lift_method})")
             shape = i2s.lift_image(concept_images[i].cpu(), profile, cfg.lift, gen)
+            # outputs are as large as the exemplars (the initial model's size sets the factor for this asset)
+            world_scale = world_size / max(_extent(shape.vertices), 1e-6)
             yield MeshUpdate(mesh_to_world(shape.vertices, world_scale), shape.faces, shape.colors, final=False, name=name,
                              info={"stage": "initial model", "method": shape.method, "subject": subject})
             init = MeshInput(name=name, vertices=shape.vertices, faces=shape.faces, colors=shape.colors)
@@ -389,6 +392,12 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
     finally:
         for p in priors:
             p.release()
+
+
+def _extent(vertices: np.ndarray) -> float:
+    """Longest side of the bounding box."""
+    v = np.asarray(vertices, dtype=np.float64)
+    return float((v.max(axis=0) - v.min(axis=0)).max()) if len(v) else 0.0
 
 
 class _adapter:
