@@ -59,7 +59,7 @@ class MeshBuild:
         self.smooth = smooth
         self.in_place = reuse is not None and can_update_in_place(reuse, prepared)
         self.mesh: Optional[bpy.types.Mesh] = reuse if self.in_place else None
-        stages: list[Callable[[], None]] = [] if self.in_place else [self._allocate]
+        stages: list[Callable[[], None]] = [] if self.in_place else [self._allocate, self._allocate_faces]
         stages += [self._positions, self._edges, self._corner_verts, self._corner_edges]
         if not self.in_place:
             stages.append(self._face_offsets)
@@ -70,6 +70,10 @@ class MeshBuild:
     @property
     def done(self) -> bool:
         return self._i >= len(self._stages)
+
+    @property
+    def next_stage(self) -> str:
+        return self._stages[self._i].__name__.lstrip("_") if not self.done else ""
 
     def step(self) -> bool:
         """Run the next stage; True when the mesh is complete."""
@@ -98,9 +102,11 @@ class MeshBuild:
         me["stepstone"] = True  # ours: safe to remove once nothing uses it
         me.vertices.add(p.n_vertices)
         me.edges.add(p.n_edges)
-        me.loops.add(p.n_corners)
-        me.polygons.add(p.n_faces)
         self.mesh = me
+
+    def _allocate_faces(self) -> None:
+        self.mesh.loops.add(self.p.n_corners)
+        self.mesh.polygons.add(self.p.n_faces)
 
     def _positions(self) -> None:
         if self.p.n_vertices:
@@ -189,6 +195,8 @@ class StreamQueue:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._build: Optional[tuple[MeshUpdateItem, MeshBuild]] = None
         self.longest_stage_s = 0.0
+        self.stage_max_s: dict[str, float] = {}  # longest time of each build stage (benchmark)
+        self.in_place_updates = 0
 
     # input --------------------------------------------------------------------------------------------------
     def push(self, item: MeshUpdateItem) -> None:
@@ -245,6 +253,7 @@ class StreamQueue:
             if self._build is None and not self._start_next():
                 return
             item, build = self._build  # type: ignore[misc]
+            stage = build.next_stage
             t0 = time.perf_counter()
             try:
                 finished = build.step()
@@ -254,7 +263,9 @@ class StreamQueue:
                 self._build = None
                 self.fail(item, f"could not build the mesh in Blender: {exc}")
                 continue
-            self.longest_stage_s = max(self.longest_stage_s, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            self.longest_stage_s = max(self.longest_stage_s, dt)
+            self.stage_max_s[stage] = max(self.stage_max_s.get(stage, 0.0), dt)
             if finished:
                 self._build = None
                 try:
@@ -287,7 +298,9 @@ class StreamQueue:
             item.prepared = prepared
             item.vertices = item.faces = item.colors = None  # type: ignore[assignment]  # release the frames
             reuse = self.current(item) if self.current is not None else None
-            self._build = (item, MeshBuild(prepared, f"{item.slot}", reuse=reuse))
+            build = MeshBuild(prepared, f"{item.slot}", reuse=reuse)
+            self.in_place_updates += int(build.in_place)
+            self._build = (item, build)
             return True
         return False
 

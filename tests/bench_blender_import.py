@@ -129,7 +129,7 @@ def bench_import(bpy, mod, faces: int, reps: int, tmp: Path) -> dict:
     return out
 
 
-def bench_stream(bpy, mod, faces: int, steps: int, home: Path) -> dict:
+def bench_stream(bpy, mod, faces: int, steps: int, home: Path, delay: float = 1.0) -> dict:
     """A real backend streams ``steps`` meshes of ``faces`` faces; the add-on's timer function is driven here."""
     runtime = home / "runtime"
     runtime.mkdir(mode=0o700, exist_ok=True)
@@ -158,7 +158,7 @@ def bench_stream(bpy, mod, faces: int, steps: int, home: Path) -> dict:
         Placement = import_module(f"{ADDON}.jobs").Placement
         ticks: list[float] = []
         t_submit = time.perf_counter()
-        job = s.submit("diagnostic", {"steps": steps, "faces": faces}, None, "stream bench",
+        job = s.submit("diagnostic", {"steps": steps, "faces": faces, "delay": delay}, None, "stream bench",
                        Placement(collection="bench"))
         first_mesh_s = None
         while job.active or s.stream.busy:
@@ -177,7 +177,9 @@ def bench_stream(bpy, mod, faces: int, steps: int, home: Path) -> dict:
                 "ticks": len(ticks), "longest_tick_ms": ticks_ms[-1], "p99_tick_ms": ticks_ms[int(0.99 * (len(ticks_ms) - 1))],
                 "median_tick_ms": ticks_ms[len(ticks_ms) // 2], "ticks_over_50ms": sum(t > 50 for t in ticks_ms),
                 "first_mesh_in_scene_s": first_mesh_s, "final_in_scene_s": total,
-                "longest_build_stage_ms": 1000 * s.stream.longest_stage_s}
+                "longest_build_stage_ms": 1000 * s.stream.longest_stage_s,
+                "stage_max_ms": {k: round(1000 * v, 1) for k, v in s.stream.stage_max_s.items()},
+                "in_place_updates": s.stream.in_place_updates}
     finally:
         proc.terminate()
         try:
@@ -196,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="100000,1000000", help="face counts for the import comparison")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--stream-faces", type=int, default=1_000_000)
-    ap.add_argument("--stream-steps", type=int, default=3)
+    ap.add_argument("--stream-steps", type=int, default=4)
+    ap.add_argument("--stream-delay", type=float, default=1.0,
+                    help="seconds between the backend's meshes (0: as fast as it can; most then coalesce)")
     ap.add_argument("--no-stream", action="store_true")
     args = ap.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="stepstone-bench-"))
     bpy, mod = setup_blender(home)
-    print(f"Blender {bpy.app.version_string}, numpy threads as configured; CPU count {os.cpu_count()}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"Blender {bpy.app.version_string}; {os.cpu_count()} CPUs; load average {load[0]:.1f} "
+          "(other processes on the machine slow every number below)")
     print("import of one payload into a Blender object (ms, best of runs):")
     for n in [int(x) for x in args.sizes.split(",") if x]:
         r = bench_import(bpy, mod, n, args.reps, home)
@@ -215,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    speed-up            {min(r['glb_total_ms']) / min(r['addon_ms']):.1f}x "
               f"(main thread only: {min(r['glb_total_ms']) / min(r['addon_build_ms']):.1f}x)")
     if not args.no_stream:
-        r = bench_stream(bpy, mod, args.stream_faces, args.stream_steps, home)
-        print(f"streaming {r['meshes_received']} meshes of {r['faces_per_mesh']:,} faces from a real backend "
-              f"(job {r['state']}):")
+        r = bench_stream(bpy, mod, args.stream_faces, args.stream_steps, home, args.stream_delay)
+        print(f"streaming {args.stream_steps} + 1 meshes of {r['faces_per_mesh']:,} faces from a real backend, "
+              f"{args.stream_delay:g} s apart ({r['meshes_received']} received after coalescing; job {r['state']}):")
         print(f"  poll ticks {r['ticks']}: longest {r['longest_tick_ms']:.1f} ms, p99 {r['p99_tick_ms']:.1f} ms, "
               f"median {r['median_tick_ms']:.2f} ms, over 50 ms: {r['ticks_over_50ms']} (goal: 0)")
         print(f"  longest single build stage {r['longest_build_stage_ms']:.1f} ms; first mesh in the scene after "
               f"{r['first_mesh_in_scene_s']:.2f} s, final after {r['final_in_scene_s']:.2f} s")
+        print(f"  longest time per build stage (ms): {r['stage_max_ms']}; updates done in place: "
+              f"{r['in_place_updates']}")
     return 0
 
 

@@ -322,24 +322,21 @@ def group_main(bpy, mod, args, results: dict) -> None:
         """A fixed-size stream (the diagnostic torus) updates the slot's mesh datablock in place."""
         from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
 
-        job = s.submit("diagnostic", {"steps": 4, "faces": 6000, "delay": 0.2}, None, "fixed topology",
+        before = s.stream.in_place_updates
+        job = s.submit("diagnostic", {"steps": 4, "faces": 6000, "delay": 0.3}, None, "fixed topology",
                        Placement(collection="Stepstone: in place"))
-        meshes = []
+        objects = set()
 
         def cond():
-            name = job.slots.get("diagnostic")
-            if name:
-                me = bpy.data.objects[name].data
-                ptr = me.as_pointer()
-                if not meshes or meshes[-1][0] != ptr:
-                    meshes.append((ptr, me.name))
+            if job.slots.get("diagnostic"):
+                objects.add(job.slots["diagnostic"])
             return d.job_settled(job)
 
         d.until(cond, 60, "fixed-topology job")
         ob = bpy.data.objects[job.slots["diagnostic"]]
-        cols = mesh_summary(bpy, ob)
-        return {"state": job.state, "meshes_received": job.meshes_received, "datablocks": len(meshes),
-                "object": cols}
+        return {"state": job.state, "meshes_received": job.meshes_received, "objects_used": len(objects),
+                "in_place_updates": s.stream.in_place_updates - before, "object": mesh_summary(bpy, ob),
+                "mesh_datablocks_of_job": sum(1 for m in bpy.data.meshes if m.name.startswith(ob.name))}
 
     @step(results, "cancel")
     def _():
