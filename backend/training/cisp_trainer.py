@@ -37,16 +37,16 @@ class CISPTrainConfig:
     image_patch: int = 8
     voxel_res: int = 16
     voxel_patch: int = 4
-    width: int = 128
-    layers: int = 3
+    width: int = 96
+    layers: int = 2
     heads: int = 4
-    unet_channels: tuple = (16, 32, 64)
+    unet_channels: tuple = (8, 16, 32)
     cond_tokens: int = 4
     sample_steps: int = 25
     guidance_scale: float = 3.0
-    contrastive_steps: int = 300
+    contrastive_steps: int = 200
     diffusion_steps: int = 300
-    batch_size: int = 48
+    batch_size: int = 16
     lr: float = 5e-4
     seed: int = 0
 
@@ -88,7 +88,7 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
     enc_params = list(model.image_encoder.parameters()) + list(model.voxel_encoder.parameters()) + [model.logit_scale]
     opt = torch.optim.AdamW(enc_params, lr=cfg.lr, weight_decay=0.05)
     for step in range(cfg.contrastive_steps):
-        idx = rng.choice(n, size=min(cfg.batch_size, n), replace=False)  # distinct shapes: clean negatives
+        idx = rng.choice(n, size=min(2 * cfg.batch_size, n), replace=False)  # distinct shapes: clean negatives
         views = rng.integers(0, v, size=len(idx))
         loss = model.contrastive_loss(_image_batch(data, idx, views).to(device), vox[idx].to(device))
         opt.zero_grad(set_to_none=True)

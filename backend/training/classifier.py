@@ -29,11 +29,11 @@ KIND = "classifier"
 @dataclass
 class ClassifierConfig:
     image_size: int = 64
-    width: int = 32
+    width: int = 16
     n_categories: int = len(CATEGORIES)
     n_colours: int = len(COLOURS)
-    steps: int = 300
-    batch_size: int = 96
+    steps: int = 250
+    batch_size: int = 64
     lr: float = 2e-3
     seed: int = 1234  # deliberately not the CLIP seed
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class MapperTrainConfig:
     hidden: int = 256
     n_layers: int = 12  # ISS Sec. 3.3.1
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4  # ISS uses 1e-4 for 400 epochs; a shorter CPU schedule needs a larger step
     lambda_m: float = 0.5  # ISS Sec. 4.2

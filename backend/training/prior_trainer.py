@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PriorTrainConfig:
-    width: int = 256
-    layers: int = 4
+    width: int = 192
+    layers: int = 3
     heads: int = 4
-    steps: int = 800
-    batch_size: int = 128
+    steps: int = 400
+    batch_size: int = 64
     lr: float = 3e-4
     captions_per_shape: int = 4
     sample_steps: int = 16

@@ -48,14 +48,14 @@ class SVRTrainConfig:
     decoder_hidden: int = 128
     decoder_blocks: int = 4
     pe_freqs: int = 3
-    steps: int = 400
-    batch_size: int = 16
+    steps: int = 200
+    batch_size: int = 12
     points: int = 512  # occupancy samples per shape per step
     lr: float = 1e-3
     lambda_occ: float = 1.0
     lambda_color: float = 1.0
     lambda_render: float = 1.0
-    render_items: int = 2  # shapes per step that are volume-rendered
+    render_items: int = 1  # shapes per step that are volume-rendered
     render_res: int = 16
     render_samples: int = 32
     normal_loss: bool = True
