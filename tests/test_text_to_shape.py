@@ -237,6 +237,10 @@ def test_option_validation():
     p = t2s.validate({"prompt": "x"}, [])
     assert p["tau"] == 0.5 and p["quality"] == "fast" and t2s.stage2_config(p).iterations == 20
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
+    assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
+    cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise
+    assert cpu.views == 4 and cpu.view.resolution == 48 and cpu.iterations == 20
+    assert t2s.stage2_config(dict(p, views=10), "cpu").views == 10
     assert get_workflow("text-to-shape") is t2s
 
 

@@ -150,7 +150,7 @@ class Dream3DOptimizer:
         self.opt.zero_grad(set_to_none=True)
         bg = "random" if cfg.random_background else "white"
         r = render_views(self.field, cams, cfg.resolution, cfg.n_samples, self.generator, background=bg,
-                         chunk=v.chunk)
+                         chunk=v.chunk, checkpoint=v.checkpoint)
         out: dict[str, float] = {}
         loss = torch.zeros((), device=self.device)
         if cfg.lambda_clip > 0:

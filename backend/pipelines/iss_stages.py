@@ -54,7 +54,9 @@ class ViewConfig:
     radius: float = 1.6
     fov: float = 45.0
     decoder_beta: float = 0.02  # sigma = o / beta (DecoderField)
-    chunk: int = 65536
+    chunk: int = 8192  # rays per renderer chunk
+    checkpoint: bool = True  # recompute chunks in backward: memory bounded by one chunk (a 512-wide decoder on
+    # 10 x 90^2 rays x 48 samples would otherwise keep ~100 GB of activations)
 
 
 @dataclass
@@ -118,10 +120,10 @@ def decoder_field(decoder: nn.Module, z: Tensor, view: ViewConfig) -> DecoderFie
 
 
 def render_views(field_: Any, cameras, resolution: int, n_samples: int, generator: Optional[torch.Generator],
-                 background: Any = "white", chunk: int = 65536) -> dict:
+                 background: Any = "white", chunk: int = 8192, checkpoint: bool = True) -> dict:
     """Render ``field_`` and return the renderer's dict plus ``images`` (V, 3, H, W) for CLIP / SDS."""
     out = render(field_, cameras, resolution, resolution, n_samples=n_samples, background=background,
-                 generator=generator, normals=None, chunk=chunk)
+                 generator=generator, normals=None, chunk=chunk, checkpoint=checkpoint)
     out["images"] = out["rgb"].permute(0, 3, 1, 2)
     return out
 
@@ -204,7 +206,7 @@ class Stage2Aligner:
         total = torch.zeros((), device=self.device)
         if cfg.lambda_clip > 0:
             r = render_views(decoder_field(self.decoder, z, v), cameras, v.resolution, v.n_samples, self.generator,
-                             chunk=v.chunk)
+                             chunk=v.chunk, checkpoint=v.checkpoint)
             feats = self.clip.encode_image(r["images"])
             out["clip"] = clip_consistency_loss(self.target, feats)
             total = total + cfg.lambda_clip * out["clip"]
@@ -280,7 +282,8 @@ class SDSRefiner:
         cams = random_cameras(cfg.views, v.azimuth_range, v.elevation_range, radius=v.radius, fov=v.fov,
                               generator=self.generator, device=self.device)
         self.opt.zero_grad(set_to_none=True)
-        r = render_views(self.field(), cams, cfg.resolution, cfg.n_samples, self.generator, chunk=v.chunk)
+        r = render_views(self.field(), cams, cfg.resolution, cfg.n_samples, self.generator, chunk=v.chunk,
+                         checkpoint=v.checkpoint)
         t_range = anneal_t_range(self.iteration, cfg.iterations, cfg.t_start, cfg.t_end)
         l_sds = sds_loss(self.bundle, r["images"], self.cond, self.uncond, cfg.guidance_scale, t_range,
                          self.generator)
