@@ -312,8 +312,14 @@ def group_main(bpy, mod, args, results: dict) -> None:
         job = s.jobs[0]
         d.until(lambda: d.job_settled(job), 300, "gallery job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
+        images = []
+        for name in job.images:
+            img = bpy.data.images[name]
+            px = list(img.pixels[:])  # decodes the packed PNG
+            images.append({"name": name, "size": list(img.size), "packed": img.packed_file is not None,
+                           "pixels": len(px), "mean": sum(px) / max(len(px), 1)})
         return {"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
-                "collection": job.collection_actual, "images": job.images,
+                "collection": job.collection_actual, "images": images,
                 "collection_objects": sorted(o.name for o in bpy.data.collections[job.collection_actual].objects)
                 if job.collection_actual else []}
 

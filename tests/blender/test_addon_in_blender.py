@@ -147,6 +147,11 @@ def test_gallery_of_three_in_new_collection_on_grid(main_run):
     # 3 items -> 2 columns: (x0, y0), (x0 + 1.5, y0), (x0, y0 - 1.5)
     rel = np.round(locs - locs.min(axis=0) * [1, 0, 0] - locs.max(axis=0) * [0, 1, 0], 3)
     assert sorted(map(tuple, rel)) == [(0.0, -1.5, 0.0), (0.0, 0.0, 0.0), (1.5, 0.0, 0.0)]
+    # the concept images ThemeStation draws arrive as packed image datablocks that decode
+    assert len(s["images"]) == 3
+    for im in s["images"]:
+        assert im["packed"] and im["size"][0] > 0 and im["pixels"] == im["size"][0] * im["size"][1] * 4
+        assert "concept" in im["name"]
 
 
 def test_fixed_size_stream_updates_the_mesh_in_place(main_run):
