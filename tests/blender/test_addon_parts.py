@@ -105,6 +105,14 @@ def test_build_zip_contents(tmp_path):
     assert "stepstone/" + whl[2:] in names
     assert {"stepstone/__init__.py", "stepstone/session.py", "stepstone/shared/client.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    # Blender's own extension validator (shipped inside the bpy module) accepts the zip
+    import subprocess
+
+    cli = next(Path(sys.prefix).glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py"),
+               None)
+    if cli is not None:
+        res = subprocess.run([sys.executable, str(cli), "validate", str(zpath)], capture_output=True, text=True)
+        assert res.returncode == 0 and "Success" in res.stdout, res.stdout + res.stderr
     # the add-on never imports torch or the backend
     for n in names:
         if n.endswith(".py") and not n.startswith("stepstone/shared/"):
