@@ -355,6 +355,37 @@ def group_main(bpy, mod, args, results: dict) -> None:
         d.until(lambda: d.job_settled(job), 30, "cancellation")
         return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step}
 
+    @step(results, "connect_errors")
+    def _():
+        """Settings problems are messages (operator reports), never tracebacks."""
+        p = d.prefs()
+        out = {}
+
+        def attempt(label):
+            try:
+                s.connect(p)
+                out[label] = "connected?!"
+            except mod.session.ConnectError as exc:
+                out[label] = str(exc)
+
+        p.connection_mode = "MANUAL"
+        p.address, p.key, p.curve_server_key = "tcp://10.1.2.3:5555", "00ff", ""
+        attempt("remote_without_online_access")
+        p.address, p.key = "127.0.0.1:5555", "00ff"
+        attempt("bad_address")
+        p.address, p.key = "tcp://127.0.0.1:5555", "not hex"
+        attempt("bad_key")
+        p.connection_mode = "AUTO"
+        p.connection_file = str(Path(args.home) / "nowhere" / "backend.json")
+        attempt("missing_file")
+        try:  # in background mode an operator's ERROR report surfaces as RuntimeError (in the UI: a report)
+            out["operator"] = sorted(bpy.ops.stepstone.connect())
+        except RuntimeError as exc:
+            out["operator"] = str(exc)
+        out["online_access"] = bpy.app.online_access
+        out["state"] = s.state
+        return out
+
     @step(results, "unregister")
     def _():
         import bpy as _bpy

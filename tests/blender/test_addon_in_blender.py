@@ -170,6 +170,16 @@ def test_cancel_stops_a_running_job(main_run):
     assert s["meshes_received"] < 200
 
 
+def test_connection_settings_errors_are_messages(main_run):
+    s = step(main_run, "connect_errors")
+    assert s["online_access"] is False  # the bpy module runs offline
+    assert "Allow Online Access" in s["remote_without_online_access"]
+    assert "tcp://HOST:PORT" in s["bad_address"]
+    assert "hex" in s["bad_key"]
+    assert "no backend connection file" in s["missing_file"] and "python -m backend serve" in s["missing_file"]
+    assert "no backend connection file" in s["operator"] and s["state"] == "disconnected"
+
+
 def test_unregisters_cleanly(main_run):
     s = step(main_run, "unregister")
     assert all(s["gone"].values()), s["gone"]

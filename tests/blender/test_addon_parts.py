@@ -110,9 +110,9 @@ def test_build_zip_contents(tmp_path):
 
     cli = next(Path(sys.prefix).glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py"),
                None)
-    if cli is not None:
-        res = subprocess.run([sys.executable, str(cli), "validate", str(zpath)], capture_output=True, text=True)
-        assert res.returncode == 0 and "Success" in res.stdout, res.stdout + res.stderr
+    assert cli is not None, "Blender's extension command line (bl_pkg/cli/blender_ext.py) not found in the bpy module"
+    res = subprocess.run([sys.executable, str(cli), "validate", str(zpath)], capture_output=True, text=True)
+    assert res.returncode == 0 and "Success" in res.stdout, res.stdout + res.stderr
     # the add-on never imports torch or the backend
     for n in names:
         if n.endswith(".py") and not n.startswith("stepstone/shared/"):
