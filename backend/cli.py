@@ -44,9 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     wf = get_workflow(args.workflow)
     params, inputs = wf.params_from_args(args)
-    params = wf.validate(params, inputs)
     device = resolve_device(args.device)
     profile = load_profile(args.profile, device=device)
+    params = wf.validate(params, inputs, profile=profile)
     ctx = JobContext(profile=profile, device=device, seed=args.seed)
     finals: dict[str, MeshUpdate] = {}
     images: list[Image] = []

@@ -279,7 +279,7 @@ class JobManager:
                 )
         if not isinstance(params, dict):
             raise InputError("params must be a JSON object")
-        return wf.validate(dict(params), inputs)
+        return wf.validate(dict(params), inputs, profile=self.profile)
 
     def submit(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
                ref: str = "") -> Job:

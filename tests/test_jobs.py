@@ -29,7 +29,7 @@ def params_from_args(args):  # pragma: no cover
     return {}, []
 
 
-def validate(params, inputs):
+def validate(params, inputs, profile=None):
     return dict(params)
 
 

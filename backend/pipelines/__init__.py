@@ -5,8 +5,9 @@ Each workflow module defines:
 - ``NAME``: the workflow id used on the wire and on the CLI (``run <NAME>``);
 - ``add_arguments(parser)``: its CLI options (``--profile/--device/--seed/--out`` are added by the CLI);
 - ``params_from_args(args) -> (params: dict, inputs: list[MeshInput])``;
-- ``validate(params: dict, inputs: list[MeshInput]) -> dict``: returns normalised params or raises InputError;
-  the server calls it before a job is accepted, so bad input is rejected at once;
+- ``validate(params: dict, inputs: list[MeshInput], profile=None) -> dict``: returns normalised params or raises
+  InputError; with a profile it also refuses options the profile cannot run (ModelUnavailable, with the profile's
+  reason). The server calls it before a job is accepted, so bad input is rejected at once;
 - ``run(params, inputs, ctx: JobContext) -> Iterator[Event]``.
 """
 
@@ -32,3 +33,4 @@ def get_workflow(name: str) -> ModuleType:
     if name not in WORKFLOWS:
         raise InputError(f"unknown workflow {name!r}; known workflows: {', '.join(sorted(WORKFLOWS))}")
     return importlib.import_module(WORKFLOWS[name])
+

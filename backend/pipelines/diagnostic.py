@@ -38,7 +38,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
     return {k: getattr(args, k) for k in DEFAULTS}, []
 
 
-def validate(params: dict, inputs: list[MeshInput]) -> dict:
+def validate(params: dict, inputs: list[MeshInput], profile: object = None) -> dict:
     """Fill defaults, check types and ranges; unknown keys are an error (a typo should not pass silently)."""
     unknown = set(params) - set(DEFAULTS) - {"seed"}
     if unknown:

@@ -278,7 +278,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
     return params, []
 
 
-def validate(params: dict, inputs: list) -> dict:
+def validate(params: dict, inputs: list, profile: Any = None) -> dict:
     """Check the image decodes and the config is sane; returns params with ``config`` normalised."""
     data = params.get("image_png")
     if not isinstance(data, str) or not data:
@@ -292,6 +292,8 @@ def validate(params: dict, inputs: list) -> dict:
     out = dict(params)
     out["method"] = cfg.method
     out["config"] = asdict(cfg)
+    if profile is not None:
+        choose_method(profile, cfg.method)
     return out
 
 

@@ -172,12 +172,12 @@ def _check_value(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def validate(params: dict, inputs: list[MeshInput]) -> dict:
+def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict:
     """Normalise ``params`` (defaults filled, types and ranges checked) and check the one input mesh.
 
     Raises :class:`InputError` for a missing/unknown option, an empty or too long style, no mesh or several meshes,
     and a mesh that is empty, has NaN/inf vertices, bad indices, zero size or more than ``max_faces`` faces.
-    The availability of the ``sds`` mode depends on the profile and is checked at the start of :func:`run`.
+    With ``profile``, a mode the profile cannot run (``sds`` without a diffusion model) is refused here too.
     """
     if not isinstance(params, dict):
         raise InputError("stylize: params must be a mapping")
@@ -207,6 +207,8 @@ def validate(params: dict, inputs: list[MeshInput]) -> dict:
     if len(inputs) > 1:
         raise InputError(f"stylize takes one mesh, got {len(inputs)}; select a single object")
     _check_input(inputs[0], out["max_faces"])
+    if profile is not None:
+        _check_capability(profile, out["mode"])
     return out
 
 

@@ -184,7 +184,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def validate(params: dict, inputs: list) -> dict:
+def validate(params: dict, inputs: list, profile: Any = None) -> dict:
     """Check exemplars (1..16 usable meshes under the face limit), count, subjects and the config."""
     if not isinstance(params, dict):
         raise InputError("gallery: params must be a mapping")
@@ -219,7 +219,9 @@ def validate(params: dict, inputs: list) -> dict:
         raise InputError(f"gallery: theme_subject must be a text under {MAX_SUBJECT_CHARS} characters")
     preset = params.get("preset", "paper")
     overrides = params.get("config") or {}
-    build_config(preset, overrides)  # raises InputError on a bad key or value
+    cfg = build_config(preset, overrides)  # raises InputError on a bad key or value
+    if profile is not None:
+        _check_profile(profile, cfg)
     return {"count": count, "subjects": subjects, "theme_subject": (theme or "").strip() or None, "preset": preset,
             "config": overrides, "max_faces": max_faces}
 
