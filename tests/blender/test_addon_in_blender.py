@@ -20,18 +20,8 @@ TINY_OPTIONS = {
                       "preview_resolution": 12, "preview_every": 1},
     "stylize": {"iterations": 4, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 32,
                 "preview_every": 2, "eval_views": 2},
-    "gallery": {"config": {
-        "render": {"views": 3, "resolution": 16, "sdf_resolution": 16, "n_samples": 12},
-        "reference_views": 3,
-        "finetune": {"iterations_single": 2, "iterations_multi": 3, "batch_size": 2},
-        "concept": {"steps": 2},
-        "lift": {"steps": 2, "voxel_upsample": 2, "mesh_resolution": 16},
-        "concept_prior": {"augmented_views": 2, "iterations": 2, "augment_steps": 4},
-        "optimize": {"iterations": 4, "resolution": 16, "grid_resolution": 16, "n_samples": 12, "mesh_every": 2,
-                     "preview_resolution": 16},
-        "score_views": 2,
-        "score_resolution": 16,
-    }},
+    # the backend's own "smoke" preset (seconds on a CPU), with a few more DSD steps so previews stream
+    "gallery": {"preset": "smoke", "config": {"optimize": {"iterations": 4, "mesh_every": 2}}},
 }
 
 
