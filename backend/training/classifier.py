@@ -29,10 +29,10 @@ KIND = "classifier"
 @dataclass
 class ClassifierConfig:
     image_size: int = 64
-    width: int = 16
+    width: int = 32
     n_categories: int = len(CATEGORIES)
     n_colours: int = len(COLOURS)
-    steps: int = 250
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 1234  # deliberately not the CLIP seed

@@ -48,7 +48,7 @@ class SVRTrainConfig:
     decoder_hidden: int = 128
     decoder_blocks: int = 4
     pe_freqs: int = 3
-    steps: int = 200
+    steps: int = 1500
     batch_size: int = 12
     points: int = 512  # occupancy samples per shape per step
     lr: float = 1e-3
