@@ -45,7 +45,7 @@ class CISPTrainConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     contrastive_steps: int = 200
-    diffusion_steps: int = 300
+    diffusion_steps: int = 120
     batch_size: int = 16
     lr: float = 5e-4
     seed: int = 0

@@ -48,13 +48,13 @@ class SVRTrainConfig:
     decoder_hidden: int = 128
     decoder_blocks: int = 4
     pe_freqs: int = 3
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 12
     points: int = 512  # occupancy samples per shape per step
     lr: float = 1e-3
     lambda_occ: float = 1.0
     lambda_color: float = 1.0
-    lambda_render: float = 1.0
+    lambda_render: float = 0.2  # the occupancy BCE must dominate: sigma = o / beta makes low o visible
     render_items: int = 1  # shapes per step that are volume-rendered
     render_res: int = 16
     render_samples: int = 32
@@ -64,7 +64,7 @@ class SVRTrainConfig:
     normal_drop: float = 0.1  # outlier dropout: fraction of highest-loss pixels left out
     ssc: bool = True
     ssc_k: int = 5  # neighbours per shape
-    lambda_ssc: float = 0.5
+    lambda_ssc: float = 0.1
     seed: int = 0
 
     def model_config(self):
