@@ -39,21 +39,22 @@ EVAL_CAMS = np.array([[30.0, 25.0, 1.6], [120.0, 25.0, 1.6], [210.0, 25.0, 1.6],
 
 @dataclass
 class QualitySettings:
-    prompts: int = 26  # two per category
+    prompts: int = 13  # one per category
     variants: int = 2  # diffusion-prior variants per prompt
     stage2_iterations: int = 20  # ISS++ Sec. 4.2
-    stage2_views: int = 4  # m (the paper uses 10; fewer for the CPU)
-    stage2_resolution: int = 48
-    stage2_samples: int = 32
+    stage2_views: int = 2  # m (the paper uses 10; fewer for the CPU)
+    stage2_resolution: int = 32
+    stage2_samples: int = 24
     tau: float = 0.5  # Eq. 5, Sec. 4.2
     cisp_samples: int = 1
     cisp_steps: int = 25
     svr_shapes: int = 26
+    cisp_shapes: int = 26
     seed: int = 0
 
 
-QUICK = QualitySettings(prompts=3, variants=1, stage2_iterations=8, stage2_views=2, stage2_resolution=32,
-                        stage2_samples=24, cisp_steps=8, svr_shapes=6)
+QUICK = QualitySettings(prompts=2, variants=1, stage2_iterations=6, stage2_views=1, stage2_resolution=32,
+                        stage2_samples=16, cisp_steps=6, svr_shapes=4, cisp_shapes=4)
 
 
 def _cell_points(res: int) -> torch.Tensor:
@@ -96,14 +97,14 @@ def decoder_surface(decoder, z, n: int = 2048, seed: int = 0) -> np.ndarray | No
 
 
 @torch.no_grad()
-def render_decoded(decoder, z, res: int = 64) -> torch.Tensor:
+def render_decoded(decoder, z, res: int = 48) -> torch.Tensor:
     """4 white-background renders (4, 3, res, res) of the decoded shape for the classifier."""
     from backend.fields.adapters import DecoderField
     from backend.render import render
     from backend.training.render_world import cameras_from_array
 
     out = render(DecoderField(decoder, z.reshape(1, -1)), cameras_from_array(EVAL_CAMS, str(z.device)), res, res,
-                 n_samples=64, background="white", stratified=False, normals=None)
+                 n_samples=32, background="white", stratified=False, normals=None)
     return out["rgb"].permute(0, 3, 1, 2).cpu()
 
 
@@ -114,8 +115,8 @@ def _mean_std(xs) -> str:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m backend bench quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 prompts, short stage 2 (under a minute on a CPU)")
-    p.add_argument("--prompts", type=int, default=0, help="number of held-out prompts (default 26, quick 3)")
+    p.add_argument("--quick", action="store_true", help="2 prompts, short stage 2, 4 shapes for CISP/SVR (about a minute on a CPU)")
+    p.add_argument("--prompts", type=int, default=0, help="number of held-out text prompts (default 13: one per category; quick 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     s = QualitySettings(**{**QUICK.__dict__}) if args.quick else QualitySettings()
     if args.prompts:
-        s.prompts = s.svr_shapes = args.prompts
+        s.prompts = args.prompts
     s.seed = args.seed
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
 
@@ -140,15 +141,16 @@ def main(argv: list[str]) -> int:
     root = starter_dir()
     classifier = ShapeClassifier.load(root / "classifier", device=device)
     shapes = heldout_benchmark_set(s.prompts, seed=s.seed)
+    more = heldout_benchmark_set(max(s.svr_shapes, s.cisp_shapes, s.prompts), seed=s.seed)
     print(f"bench quality: {len(shapes)} held-out prompts, device {device}, "
           f"stage 2: {s.stage2_iterations} iterations x {s.stage2_views} views at {s.stage2_resolution}^2")
     rows: dict[str, dict[str, list]] = {}
     if "text" not in skip:
         rows.update(_text_to_shape(profile, classifier, shapes, s, device))
     if "cisp" not in skip:
-        rows.update(_cisp_vs_clip(profile, root, shapes, s, device))
+        rows.update(_cisp_vs_clip(profile, root, more[: s.cisp_shapes], s, device))
     if "svr" not in skip:
-        rows.update(_svr_ablation(profile, root, shapes[: s.svr_shapes], device))
+        rows.update(_svr_ablation(profile, root, more[: s.svr_shapes], device))
     print()
     print("| method | IoU | F-score@0.05 | category acc | colour acc | extra |")
     print("| --- | --- | --- | --- | --- | --- |")
