@@ -247,12 +247,16 @@ class Server:
                 return False
             raise
 
-    def _flush(self, sess: Session) -> None:
-        """Send queued messages while the client has credit (always at least one when nothing is in flight)."""
+    def _flush(self, sess: Session, *, ignore_credit: bool = False) -> None:
+        """Send queued messages while the client has credit (always at least one when nothing is in flight).
+
+        ``ignore_credit`` is for the last flush at shutdown: the terminal events must reach the client even when
+        it has not yet given back the credit of the meshes before them.
+        """
         assert self.router is not None
         while sess.outbox:
             out = sess.outbox[0]
-            if sess.in_flight > 0 and sess.in_flight + out.size > sess.credit:
+            if not ignore_credit and sess.in_flight > 0 and sess.in_flight + out.size > sess.credit:
                 return
             frames = P.encode(out.kind, out.fields, out.arrays, key=self.key)
             try:
@@ -503,7 +507,7 @@ class Server:
         # deliver the terminal events of jobs ended by the shutdown, best effort
         self._fan_out()
         for sess in list(self._sessions.values()):
-            self._flush(sess)
+            self._flush(sess, ignore_credit=True)
             if sess.client in self._sessions:
                 self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"})
         if self.connection_file is not None:
