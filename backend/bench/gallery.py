@@ -33,18 +33,13 @@ STAGES = ("renders", "theme fine-tune", "concept images", "initial model", "conc
 
 
 def tiny_config() -> dict:
-    """The stage sizes of the tests (seconds on a CPU)."""
+    """The stage sizes of the tests (seconds on a CPU): the workflow's "smoke" preset with a few more steps."""
     return {
-        "render": {"views": 3, "resolution": 16, "sdf_resolution": 16, "n_samples": 12},
-        "reference_views": 3,
-        "finetune": {"iterations_single": 4, "iterations_multi": 4, "batch_size": 2},
+        "finetune": {"iterations_single": 4, "iterations_multi": 4},
         "concept": {"steps": 4},
-        "lift": {"steps": 4, "voxel_upsample": 2, "mesh_resolution": 16},
-        "concept_prior": {"augmented_views": 2, "iterations": 4, "augment_steps": 4},
-        "optimize": {"iterations": 8, "resolution": 16, "grid_resolution": 16, "n_samples": 12, "mesh_every": 4,
-                     "preview_resolution": 16},
-        "score_views": 2,
-        "score_resolution": 16,
+        "lift": {"steps": 4},
+        "concept_prior": {"iterations": 4},
+        "optimize": {"iterations": 8, "mesh_every": 4},
     }
 
 
@@ -133,7 +128,8 @@ def _exemplars(n: int):
     return out
 
 
-def run_once(profile: Any, device: str, count: int, exemplars: int, config: dict, seed: int = 0) -> dict:
+def run_once(profile: Any, device: str, count: int, exemplars: int, config: dict, seed: int = 0,
+             preset: str = "paper") -> dict:
     """Run the gallery once; returns per-stage seconds, iteration counts and peak CUDA memory."""
     import torch
 
@@ -142,7 +138,7 @@ def run_once(profile: Any, device: str, count: int, exemplars: int, config: dict
 
     wf = get_workflow("gallery")
     inputs = _exemplars(exemplars)
-    params = wf.validate({"count": count, "config": config}, inputs)
+    params = wf.validate({"count": count, "preset": preset, "config": config}, inputs)
     ctx = JobContext(profile=profile, device=device, seed=seed)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -196,7 +192,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         profile.diffusion(), profile.clip(), profile.cisp()
         load_s = time.perf_counter() - t0
-        res = run_once(profile, "cpu", count, args.exemplars, tiny_config())
+        res = run_once(profile, "cpu", count, args.exemplars, tiny_config(), preset="smoke")
         print(f"gallery of {count} from {args.exemplars} exemplars, tiny profile, CPU "
               f"({torch.get_num_threads()} threads); model load {load_s:.1f} s")
         _print_stages(res)
