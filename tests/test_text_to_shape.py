@@ -23,6 +23,7 @@ from backend.pipelines.iss_stages import (
     background_term,
     stage1_latent,
 )
+from backend.fields import DecoderField
 from backend.render import orbit_cameras, render
 
 VIEW = ViewConfig(resolution=16, n_samples=12)
@@ -78,7 +79,7 @@ def test_background_loss_makes_background_whiter(profile):
     def whiteness():
         with torch.no_grad():
             z = aligner.latent()
-            loss, mask = background_term(svr.decoder, z, pts, 0.5)
+            loss, mask = background_term(DecoderField(svr.decoder, z), pts, 0.5)
             _, rgb = svr.decoder(pts.reshape(1, -1, 3), z)
             rgb = rgb.reshape(*pts.shape[:2], 3)[mask]
         return float(loss), float(rgb.mean()), int(mask.sum())
@@ -239,8 +240,10 @@ def test_option_validation():
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
     assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
     cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise
-    assert cpu.views == 4 and cpu.view.resolution == 48 and cpu.iterations == 20
+    assert cpu.views == 4 and cpu.view.resolution == 64 and cpu.iterations == 20 and cpu.view.field_grid == 32
+    assert t2s.stage2_config(p).view.field_grid == 0  # the paper's direct rendering off the CPU
     assert t2s.stage2_config(dict(p, views=10), "cpu").views == 10
+    assert t2s.stage2_config(t2s.validate({"prompt": "x", "field_grid": 0}, []), "cpu").view.field_grid == 0
     assert get_workflow("text-to-shape") is t2s
 
 

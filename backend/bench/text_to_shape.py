@@ -55,13 +55,14 @@ def time_stage2(clip, mapper, decoder, cfg, device: str, iterations: int, warmup
             cams = al.cameras()
             z = al.latent()
             with _timer(parts, "render", device):
-                r = render_views(decoder_field(decoder, z, cfg.view), cams, cfg.view.resolution, cfg.view.n_samples,
-                                 al.generator, chunk=cfg.view.chunk, checkpoint=cfg.view.checkpoint)
+                field_ = decoder_field(decoder, z, cfg.view)
+                r = render_views(field_, cams, cfg.view.resolution, cfg.view.n_samples, al.generator,
+                                 chunk=cfg.view.chunk, checkpoint=cfg.view.checkpoint and cfg.view.field_grid <= 0)
             with _timer(parts, "clip", device):
                 l_c = clip_consistency_loss(al.target, clip.encode_image(r["images"]))
             with _timer(parts, "background", device):
                 pts = background_points(cams, cfg.bg_rays, cfg.bg_samples, al.generator, cfg.view.resolution)
-                l_bg, _ = background_term(decoder, z, pts, cfg.occupancy_threshold)
+                l_bg, _ = background_term(field_, pts, cfg.occupancy_threshold)
             with _timer(parts, "backward", device):
                 (l_c + cfg.lambda_bg * l_bg).backward()
                 al.opt.step()

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from backend.fields import DecoderField, grid_points
+from backend.fields.adapters import CachedDecoderField
 from backend.losses.background import background_loss, background_ray_mask
 from backend.losses.clip_consistency import clip_consistency_loss
 from backend.render import camera_rays, random_cameras, ray_box, render
@@ -54,6 +55,8 @@ class ViewConfig:
     radius: float = 1.6
     fov: float = 45.0
     decoder_beta: float = 0.02  # sigma = o / beta (DecoderField)
+    field_grid: int = 0  # > 0: decode once per iteration on this grid and render from it (CachedDecoderField, ours;
+    # the CPU default), 0: query the decoder at every ray sample (ISS)
     chunk: int = 8192  # rays per renderer chunk
     checkpoint: bool = True  # recompute chunks in backward: memory bounded by one chunk (a 512-wide decoder on
     # 10 x 90^2 rays x 48 samples would otherwise keep ~100 GB of activations)
@@ -118,7 +121,10 @@ def sample_diversity_features(prior: Any, f_text: Tensor, n: int, seed: int) -> 
 # --------------------------------------------------------------------------------------------- rendering helpers
 
 
-def decoder_field(decoder: nn.Module, z: Tensor, view: ViewConfig) -> DecoderField:
+def decoder_field(decoder: nn.Module, z: Tensor, view: ViewConfig):
+    """The renderable field of ``D(., z)``: direct (ISS) or through a decoded grid (``view.field_grid``)."""
+    if view.field_grid > 0:
+        return CachedDecoderField(decoder, z.reshape(1, -1), view.field_grid, beta=view.decoder_beta)
     return DecoderField(decoder, z.reshape(1, -1), beta=view.decoder_beta)
 
 
@@ -151,13 +157,11 @@ def background_points(cameras, n_rays: int, n_samples: int, generator: Optional[
     return (o[idx, None] + t[..., None] * d[idx, None]).clamp(-0.5, 0.5)
 
 
-def background_term(decoder: nn.Module, z: Tensor, points: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Eq. 3 on points (R, K, 3): ``(loss, background mask (R,))`` with the decoder's occupancy and colour."""
-    r, k = points.shape[:2]
-    logits, rgb = decoder(points.reshape(1, -1, 3), z.reshape(1, -1))
-    occ = torch.sigmoid(logits).reshape(r, k)
+def background_term(field_: Any, points: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Eq. 3 on points (R, K, 3): ``(loss, background mask (R,))`` with the field's occupancy and colour."""
+    occ, rgb = field_.occupancy_and_colour(points)
     mask = background_ray_mask(occ, threshold)
-    return background_loss(rgb.reshape(r, k, 3), mask), mask
+    return background_loss(rgb, mask), mask
 
 
 # --------------------------------------------------------------------------------------------- stage 2
@@ -216,15 +220,16 @@ class Stage2Aligner:
         z = self.latent() if z is None else z
         out: dict[str, Tensor] = {}
         total = torch.zeros((), device=self.device)
+        field_ = decoder_field(self.decoder, z, v)
         if cfg.lambda_clip > 0:
-            r = render_views(decoder_field(self.decoder, z, v), cameras, v.resolution, v.n_samples, self.generator,
-                             chunk=v.chunk, checkpoint=v.checkpoint)
+            r = render_views(field_, cameras, v.resolution, v.n_samples, self.generator,
+                             chunk=v.chunk, checkpoint=v.checkpoint and v.field_grid <= 0)
             feats = self.clip.encode_image(r["images"])
             out["clip"] = clip_consistency_loss(self.target, feats)
             total = total + cfg.lambda_clip * out["clip"]
         if cfg.lambda_bg > 0:
             pts = background_points(cameras, cfg.bg_rays, cfg.bg_samples, self.generator, v.resolution)
-            out["bg"], mask = background_term(self.decoder, z, pts, cfg.occupancy_threshold)
+            out["bg"], mask = background_term(field_, pts, cfg.occupancy_threshold)
             out["bg_fraction"] = mask.float().mean()
             total = total + cfg.lambda_bg * out["bg"]
         out["loss"] = total
