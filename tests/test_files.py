@@ -36,6 +36,14 @@ def _glb_parts(data: bytes) -> tuple[dict, bytes]:
     return doc, data[28 + jlen:28 + jlen + blen]
 
 
+def _glb_pack(doc: dict, binary: bytes) -> bytes:
+    """The inverse of :func:`_glb_parts` (``binary`` already padded to 4 bytes)."""
+    js = json.dumps(doc).encode()
+    js += b" " * (-len(js) % 4)
+    return (struct.pack("<III", 0x46546C67, 2, 28 + len(js) + len(binary)) + struct.pack("<II", len(js), 0x4E4F534A)
+            + js + struct.pack("<II", len(binary), 0x004E4942) + binary)
+
+
 def _accessor(doc: dict, binary: bytes, index: int) -> np.ndarray:
     a = doc["accessors"][index]
     view = doc["bufferViews"][a["bufferView"]]
@@ -87,11 +95,8 @@ def test_the_validator_catches_a_broken_glb(tmp_path):
     v, f, c = _tall_box()
     doc, binary = _glb_parts(glb_bytes(v, f, c))
     doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]["max"] = [9.0, 9.0, 9.0]
-    js = json.dumps(doc).encode()
-    js += b" " * (-len(js) % 4)
-    data = struct.pack("<III", 0x46546C67, 2, 28 + len(js) + len(binary)) + struct.pack("<II", len(js), 0x4E4F534A)
     bad = tmp_path / "bad.glb"
-    bad.write_bytes(data + js + struct.pack("<II", len(binary), 0x004E4942) + binary)
+    bad.write_bytes(_glb_pack(doc, binary))
     garbage = tmp_path / "garbage.glb"
     garbage.write_bytes(b"not a gltf file")
     reports = gltf_validator.validate([bad, garbage])
@@ -153,12 +158,8 @@ def _with_color0(path, linear: np.ndarray):
                              "count": len(linear), "type": "VEC4"})
     doc["meshes"][0]["primitives"][0]["attributes"]["COLOR_0"] = len(doc["accessors"]) - 1
     doc["buffers"][0]["byteLength"] = len(binary)
-    js = json.dumps(doc).encode()
-    js += b" " * (-len(js) % 4)
     out = path.with_name("with_color0.glb")
-    out.write_bytes(struct.pack("<III", 0x46546C67, 2, 28 + len(js) + len(binary))
-                    + struct.pack("<II", len(js), 0x4E4F534A) + js
-                    + struct.pack("<II", len(binary), 0x004E4942) + binary)
+    out.write_bytes(_glb_pack(doc, binary))
     return out
 
 
