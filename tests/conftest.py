@@ -43,35 +43,20 @@ def runtime_dir(tmp_path, monkeypatch):
 
 # Every GLB a test writes anywhere under pytest's temporary folder (CLI outputs, job stores, backend subprocesses)
 # is checked with the Khronos glTF Validator when the test ends; a file with any error fails that test.
-_GLB_SEEN: dict[str, tuple[int, int]] = {}
-
-
-def _new_glb_files(root: Path) -> list[Path]:
-    new = []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if name.lower().endswith(".glb"):
-                p = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(p)
-                except OSError:  # removed meanwhile
-                    continue
-                key = (st.st_mtime_ns, st.st_size)
-                if _GLB_SEEN.get(p) != key:
-                    _GLB_SEEN[p] = key
-                    new.append(Path(p))
-    return new
+_GLB_WATCH = None
 
 
 @pytest.fixture(autouse=True)
 def _written_glb_files_are_valid(request, tmp_path_factory):
+    global _GLB_WATCH
     yield
-    new = _new_glb_files(tmp_path_factory.getbasetemp())
-    if not new or request.node.get_closest_marker("invalid_glb") is not None:
-        return
     import gltf_validator
 
-    reports = gltf_validator.validate(new)
-    bad = [gltf_validator.describe(p, r) for p, r in reports.items() if r["numErrors"]]
+    if _GLB_WATCH is None:
+        _GLB_WATCH = gltf_validator.GlbWatch(tmp_path_factory.getbasetemp())
+    new = _GLB_WATCH.new_files()
+    if not new or request.node.get_closest_marker("invalid_glb") is not None:
+        return
+    bad = gltf_validator.errors(new)
     if bad:
         pytest.fail("the Khronos glTF Validator found errors in GLB files written by this test:\n" + "\n".join(bad))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,3 +78,33 @@ def describe(path: str, issues: dict) -> str:
         if m.get("severity", 3) <= 1:  # 0 error, 1 warning
             lines.append(f"  [{m['code']}] {m['message']} at {m.get('pointer', '')}")
     return "\n".join(lines)
+
+
+def errors(paths: Iterable[Path]) -> list[str]:
+    """A description of each file (of ``paths``) in which the validator finds an error; empty when all are valid."""
+    return [describe(p, r) for p, r in validate(paths).items() if r["numErrors"]]
+
+
+class GlbWatch:
+    """GLB files under ``root`` that are new or changed since the last call of :meth:`new_files`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.seen: dict[str, tuple[int, int]] = {}
+
+    def new_files(self) -> list[Path]:
+        new = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.lower().endswith(".glb"):
+                    continue
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:  # removed meanwhile
+                    continue
+                key = (st.st_mtime_ns, st.st_size)
+                if self.seen.get(p) != key:
+                    self.seen[p] = key
+                    new.append(Path(p))
+        return new

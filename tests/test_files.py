@@ -103,6 +103,13 @@ def test_the_validator_catches_a_broken_glb(tmp_path):
     assert reports[str(bad)]["numErrors"] >= 1
     assert any(m["code"] == "ACCESSOR_MAX_MISMATCH" for m in reports[str(bad)]["messages"])
     assert reports[str(garbage)]["numErrors"] == 1
+    # what the suite's end-of-test check does: find the new files, report the broken ones, then nothing new
+    watch = gltf_validator.GlbWatch(tmp_path)
+    export_mesh(tmp_path / "good.glb", v, f, c)
+    assert sorted(p.name for p in watch.new_files()) == ["bad.glb", "garbage.glb", "good.glb"]
+    found = gltf_validator.errors(sorted(tmp_path.glob("*.glb")))
+    assert len(found) == 2 and "ACCESSOR_MAX_MISMATCH" in "".join(found)
+    assert watch.new_files() == []
 
 
 @pytest.mark.parametrize("suffix", [".glb", ".obj", ".ply"])
