@@ -80,11 +80,6 @@ def describe(path: str, issues: dict) -> str:
     return "\n".join(lines)
 
 
-def errors(paths: Iterable[Path]) -> list[str]:
-    """A description of each file (of ``paths``) in which the validator finds an error; empty when all are valid."""
-    return [describe(p, r) for p, r in validate(paths).items() if r["numErrors"]]
-
-
 class GlbWatch:
     """GLB files under ``root`` that are new or changed since the last call of :meth:`new_files`."""
 
