@@ -1,7 +1,7 @@
 """Blender's side of the file round trips (run by ``test_files_in_blender.py`` in a fresh process with ``bpy``).
 
-``export OUT.glb RESULT.json``: builds a known object (a cone 1.2 tall standing on z = 0.3 at x = 1, y = 2, with a
-colour attribute), exports it with Blender's glTF exporter (Y-up, its defaults) and records its world bounding box
+``export OUT.glb RESULT.json``: builds a known object (a cone 1.8 tall standing on z = 0.3 at x = 1, y = 2, turned
+and stretched by its object transform, with a colour attribute), exports it with Blender's glTF exporter (Y-up, its defaults) and records its world bounding box
 and mean colour.
 
 ``compare STREAM.npz RESULT.json FILE...``: builds the streamed mesh from the arrays with the add-on's own builder
@@ -72,8 +72,11 @@ def sorted_rows(a: np.ndarray) -> np.ndarray:
 
 
 def cmd_export(out: Path, result: Path) -> None:
-    bpy.ops.mesh.primitive_cone_add(vertices=24, radius1=0.3, depth=1.2, location=(1.0, 2.0, 0.9))
+    # the object's own transform (turned about Z, stretched along Z) travels as the glTF node's TRS
+    bpy.ops.mesh.primitive_cone_add(vertices=24, radius1=0.3, depth=1.2, location=(1.0, 2.0, 1.2),
+                                    rotation=(0.0, 0.0, 0.5))
     obj = bpy.context.active_object
+    obj.scale = (1.0, 1.0, 1.5)
     obj.name = "known_cone"
     attr = obj.data.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
     values = np.tile([*KNOWN_COLOR, 1.0], len(obj.data.vertices)).astype(np.float32)
