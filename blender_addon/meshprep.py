@@ -16,8 +16,10 @@ from typing import Optional
 import numpy as np
 
 try:  # inside the installed extension
+    from .shared.color import colors_to_linear_rgba, srgb_to_linear
     from .shared.mesh import MeshError, validate_mesh
 except ImportError:  # running from the repository (tests of this module outside Blender)
+    from shared.color import colors_to_linear_rgba, srgb_to_linear  # type: ignore[no-redef]
     from shared.mesh import MeshError, validate_mesh  # type: ignore[no-redef]
 
 
@@ -70,35 +72,6 @@ def triangle_edges(faces: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.n
     edge_verts[:, 0] = uk // n
     edge_verts[:, 1] = uk % n
     return edge_verts, corner_edges
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    """The sRGB transfer function inverted (IEC 61966-2-1), elementwise on values in [0, 1]."""
-    c = np.asarray(c, dtype=np.float32)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
-
-
-_SRGB8_TO_LINEAR = srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0)
-
-
-def colors_to_linear_rgba(colors: np.ndarray) -> np.ndarray:
-    """uint8 or float (N, 3|4) sRGB colours (the wire's convention) -> linear float32 (N*4,), alpha 1 if absent.
-
-    Alpha is not gamma-encoded, so it is only rescaled.
-    """
-    c = np.asarray(colors)
-    n, k = c.shape[0], c.shape[1]
-    out = np.ones((n, 4), dtype=np.float32)
-    if c.dtype.kind == "f":
-        cf = np.clip(np.nan_to_num(c), 0.0, 1.0)
-        out[:, :3] = srgb_to_linear(cf[:, :3])
-        if k == 4:
-            out[:, 3] = cf[:, 3]
-    else:
-        out[:, :3] = _SRGB8_TO_LINEAR[c[:, :3]]
-        if k == 4:
-            out[:, 3] = c[:, 3].astype(np.float32) * np.float32(1.0 / 255.0)
-    return out.reshape(-1)
 
 
 def prepare_mesh(

@@ -39,3 +39,35 @@ def runtime_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("STEPSTONE_RUNTIME_DIR", str(d))
     return d
+
+
+# Every GLB a test writes anywhere under pytest's temporary folder (CLI outputs, job stores, backend subprocesses)
+# is checked with the Khronos glTF Validator when the test ends; a file with any error fails that test.
+_GLB_WATCH = None
+_GLB_STATS = {"files": 0, "errors": 0, "warnings": 0}
+
+
+@pytest.fixture(autouse=True)
+def _written_glb_files_are_valid(request, tmp_path_factory):
+    global _GLB_WATCH
+    yield
+    import gltf_validator
+
+    if _GLB_WATCH is None:
+        _GLB_WATCH = gltf_validator.GlbWatch(tmp_path_factory.getbasetemp())
+    new = _GLB_WATCH.new_files()
+    if not new or request.node.get_closest_marker("invalid_glb") is not None:
+        return
+    reports = gltf_validator.validate(new)
+    _GLB_STATS["files"] += len(reports)
+    _GLB_STATS["errors"] += sum(r["numErrors"] for r in reports.values())
+    _GLB_STATS["warnings"] += sum(r["numWarnings"] for r in reports.values())
+    bad = [gltf_validator.describe(p, r) for p, r in reports.items() if r["numErrors"]]
+    if bad:
+        pytest.fail("the Khronos glTF Validator found errors in GLB files written by this test:\n" + "\n".join(bad))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _GLB_STATS["files"]:
+        terminalreporter.write_line("Khronos glTF Validator: {files} GLB files written by the tests checked, "
+                                    "{errors} errors, {warnings} warnings".format(**_GLB_STATS))

@@ -205,6 +205,7 @@ def test_export_and_load_keep_geometry_and_vertex_colours(tmp_path, suffix):
                           colors[order])
 
 
+@pytest.mark.invalid_glb
 def test_io_errors_are_clear(tmp_path):
     m = trimesh.creation.box()
     with pytest.raises(InputError, match="unsupported"):

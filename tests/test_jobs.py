@@ -94,6 +94,7 @@ def test_done_job_has_its_glb_on_disk_before_done(manager):
     (rec, mesh), = manager.store.load_result(manager.get(job.id))
     final = [a for j, k, f, a in manager.events.items if k == P.MESH and f["final"]][0]
     np.testing.assert_array_equal(mesh.faces, final["faces"])
+    np.testing.assert_allclose(mesh.vertices, final["vertices"], atol=1e-6)  # the store's GLB is read back Z-up
     np.testing.assert_array_equal(mesh.colors[:, :3], final["colors"])  # vertex colours survive the GLB
 
 

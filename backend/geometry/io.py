@@ -1,7 +1,17 @@
-"""Mesh files in and out (GLB, OBJ, PLY) with vertex colours, through trimesh.
+"""Mesh files in and out (GLB, OBJ, PLY) with vertex colours, each in the frame its format's tools expect.
 
-``export_mesh`` picks the format from the suffix; ``load_mesh`` returns a :class:`backend.events.MeshInput` with
-the file's scene flattened into one mesh (node transforms applied), colours as uint8 RGBA when the file has them.
+The backend's frame is Z-up, metres (Blender's). At the file boundary (``docs/internals.md``, "Files"):
+
+- GLB is Y-up with +Z forward and linear ``COLOR_0`` (glTF 2.0), written by :mod:`backend.geometry.gltf` and read
+  through trimesh; backend ``(x, y, z)`` <-> file ``(x, z, -y)``, as Blender's glTF exporter and importer do.
+- OBJ is Y-up, -Z forward (Blender's OBJ defaults, Maya, most DCC tools): the same mapping as glTF; its
+  ``v x y z r g b`` colours are sRGB.
+- PLY is Z-up, +Y forward (Blender's PLY defaults, MeshLab, scanners): no rotation; uchar colours are sRGB.
+
+The mapping is a rotation: sizes, the origin and triangle winding are kept, and nothing is recentred or
+rescaled, so an artist's mesh comes back where it was. ``export_mesh`` picks the format from the suffix;
+``load_mesh`` returns a :class:`backend.events.MeshInput` in the backend's frame with the file's scene flattened
+into one mesh (node transforms applied), colours as sRGB uint8 RGBA when the file has them.
 """
 
 from __future__ import annotations
@@ -15,11 +25,13 @@ import trimesh
 
 from backend.errors import InputError
 from backend.events import MeshInput
+from backend.geometry.gltf import colors_from_accessor, glb_bytes, to_y_up, to_z_up
 from backend.geometry.validate import check_mesh
 
 log = logging.getLogger(__name__)
 
 FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply"}
+Y_UP_FORMATS = ("glb", "obj")  # stored Y-up; PLY is stored Z-up like the backend
 
 
 def _format(path: Path) -> str:
@@ -60,19 +72,24 @@ def export_mesh(
 ) -> Path:
     """Write a triangle mesh to ``path`` (GLB, OBJ or PLY by suffix), keeping per-vertex colours.
 
-    ``colors`` may be uint8 (N, 3|4) or float in [0, 1]. Raises :class:`InputError` for a bad mesh or suffix.
+    ``vertices`` are in the backend's frame (Z-up, metres) and are stored in the format's own (module docstring);
+    ``colors`` are sRGB, uint8 (N, 3|4) or float in [0, 1]. Raises :class:`InputError` for a bad mesh or suffix.
     """
     path = Path(path)
     fmt = _format(path)
     check_mesh(vertices, faces, colors, what="mesh to export", require_extent=False)
-    mesh = to_trimesh(vertices, faces, colors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "obj":
-        data = trimesh.exchange.obj.export_obj(mesh, include_color=colors is not None, include_texture=False)
-        path.write_text(data)
+    if fmt == "glb":
+        path.write_bytes(glb_bytes(vertices, faces, colors, name=path.stem))
     else:
-        mesh.export(path, file_type=fmt)
-    log.debug("wrote %s (%d vertices, %d faces)", path, len(mesh.vertices), len(mesh.faces))
+        file_vertices = to_y_up(vertices) if fmt in Y_UP_FORMATS else vertices
+        mesh = to_trimesh(file_vertices, faces, colors)
+        if fmt == "obj":
+            data = trimesh.exchange.obj.export_obj(mesh, include_color=colors is not None, include_texture=False)
+            path.write_text(data)
+        else:
+            mesh.export(path, file_type=fmt)
+    log.debug("wrote %s (%d vertices, %d faces)", path, len(vertices), len(faces))
     return path
 
 
@@ -94,6 +111,36 @@ def _flatten(loaded) -> trimesh.Trimesh:
     raise InputError(f"the file holds a {type(loaded).__name__}, not a triangle mesh")
 
 
+def _load_glb(path: Path) -> trimesh.Scene:
+    """A GLB through trimesh's parser, with ``COLOR_0`` converted from linear at full precision.
+
+    ``trimesh.load`` would store the accessor's linear values as uint8 as they are (sRGB mistaken for linear, and
+    dark colours quantised away); here they become sRGB uint8 before the meshes are built.
+    """
+    from trimesh.exchange.gltf import load_glb
+
+    with open(path, "rb") as fh:
+        kwargs = load_glb(fh)
+    scene = trimesh.Scene()
+    for geom_name, kw in kwargs.get("geometry", {}).items():
+        if "faces" not in kw:  # points or lines: not a triangle mesh
+            continue
+        raw = kw.get("vertex_colors")
+        if raw is None and kw.get("visual") is not None:  # with a material, trimesh keeps COLOR_0 aside
+            raw = kw["visual"].vertex_attributes.get("color")
+        if raw is not None:
+            kw = {k: v for k, v in kw.items() if k != "visual"}
+            kw["vertex_colors"] = colors_from_accessor(raw)
+        scene.geometry[geom_name] = trimesh.Trimesh(**kw)
+    for edge in kwargs.get("graph") or []:
+        if edge.get("geometry") is not None and edge["geometry"] not in scene.geometry:
+            edge = {k: v for k, v in edge.items() if k != "geometry"}  # keep the node, drop what is not a mesh
+        scene.graph.update(**edge)
+    if kwargs.get("base_frame"):
+        scene.graph.base_frame = kwargs["base_frame"]
+    return scene
+
+
 def _vertex_colors(mesh: trimesh.Trimesh) -> Optional[np.ndarray]:
     visual = mesh.visual
     if getattr(visual, "kind", None) != "vertex":
@@ -107,6 +154,8 @@ def _vertex_colors(mesh: trimesh.Trimesh) -> Optional[np.ndarray]:
 def load_mesh(path: Union[str, Path], name: Optional[str] = None) -> MeshInput:
     """Read a GLB/OBJ/PLY file into a :class:`MeshInput` (float32 vertices, uint32 faces, uint8 RGBA colours).
 
+    Vertices come back in the backend's frame (Z-up): a Y-up GLB or OBJ exported from Blender is upright.
+
     Missing files, unknown suffixes, unreadable or empty meshes and NaN vertices raise :class:`InputError`.
     """
     path = Path(path)
@@ -114,13 +163,16 @@ def load_mesh(path: Union[str, Path], name: Optional[str] = None) -> MeshInput:
     if not path.is_file():
         raise InputError(f"mesh file not found: {path}")
     try:
-        loaded = trimesh.load(path, file_type=fmt, process=False, force=None)
+        if fmt == "glb":
+            loaded = _load_glb(path)
+        else:
+            loaded = trimesh.load(path, file_type=fmt, process=False, force=None)
     except InputError:
         raise
     except Exception as exc:  # trimesh raises many types for corrupt files
         raise InputError(f"could not read {path}: {exc}") from None
     mesh = _flatten(loaded)
-    vertices = np.asarray(mesh.vertices, dtype=np.float32)
+    vertices = np.asarray(to_z_up(mesh.vertices) if fmt in Y_UP_FORMATS else mesh.vertices, dtype=np.float32)
     faces = np.asarray(mesh.faces, dtype=np.uint32)
     colors = _vertex_colors(mesh)
     check_mesh(vertices, faces, colors, what=f"mesh in {path.name}", require_extent=False)
