@@ -1,23 +1,24 @@
 """``python -m backend bench quality [--quick]``: text-to-shape quality of the starter profile against the
-procedural ground truth on the held-out prompts (issue 9).
+procedural ground truth (issues 9 and 12).
 
-For held-out prompts (category/colour/attribute combinations never seen in training, :mod:`backend.training.split`)
-it reports, per method:
+Text to shape is measured on what an artist gets: :class:`DefaultJob` runs the default job of ``run text-to-shape``
+(the pipeline's own validation, stage-2 settings for the device, Eq. 5 target with the default tau) for
 
-- mean volumetric IoU (32^3 cell centres) and F-score (FS@0.05 of the unit cube, ShapeClipper Eq. 8 on 2048
-  surface points) of the generated shape against the exact world shape of that prompt;
-- category and colour accuracy of the independent classifier (:mod:`backend.training.classifier`, a CNN trained
-  separately from the guidance CLIP) on 4 renders of the generated shape;
+- held-out prompts (category/colour/attribute combinations never seen in training, :mod:`backend.training.split`):
+  mean volumetric IoU (32^3 cell centres) and F-score (FS@0.05 of the unit cube, ShapeClipper Eq. 8 on 2048
+  surface points) against the exact world shape of the prompt; category and colour accuracy of the independent
+  classifier (:mod:`backend.training.classifier`, a CNN trained separately from the guidance CLIP) on 4 renders;
+  CLIP consistency (mean cosine of the guidance CLIP's image features of those renders with f_T); the count of
+  empty shapes; for ``stage-1`` (mapper only, ``z = M(f_T)``), the default job (``+ stage-2``, ISS++ Sec. 3.3.2)
+  and ``+ diversity`` (2 variants with diffusion-prior samples, Eq. 5); and the ISS++ Table 3 figures
+  ``d(M(f_T), f_S)`` and ``d(M'(f_T), f_S)`` (relative L2 distance between the mapped text feature and the SVR
+  latent of a ground-truth render, mean +- std);
+- free-form prompts (:data:`backend.bench.freeform.FREEFORM_PROMPTS`: synonyms and sentences whose words are never
+  in a caption): category accuracy, and colour accuracy where the prompt names a colour.
 
-for the methods ``stage-1`` (mapper only, ``z = M(f_T)``), ``+stage-2`` (ISS++ Sec. 3.3.2, Eq. 3-4) and
-``+diversity`` (Eq. 5 with diffusion-prior samples f_{T->I}, tau = 0.5; also the mean pairwise IoU distance between
-the variants of one prompt). It also prints the ISS++ Table 3 figures ``d(M(f_T), f_S)`` and ``d(M'(f_T), f_S)``
-(relative L2 distance ``|a - f_S| / |f_S|`` between the mapped text feature and the SVR latent of a ground-truth
-render, mean +- std), CISP- vs CLIP-conditioned image-to-shape IoU (paper 002's comparison, 16^3 voxels) and SVR
-reconstruction IoU with vs without semantic shape consistency (paper 004's ablation).
-
-The pipeline functions are those of ``backend.pipelines.iss_stages`` (what ``run text-to-shape`` runs).
-Numbers are measured in one run; nothing here is tuned on the held-out set.
+It also prints CISP- vs CLIP-conditioned image-to-shape IoU (paper 002's comparison, 16^3 voxels) and SVR
+reconstruction IoU of the shipped (3D-supervised) SVR and of the image-supervised one with vs without semantic
+shape consistency (paper 004's ablation). Numbers are measured in one run; nothing here is tuned on the held-out set.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def main(argv: list[str]) -> int:
     more = heldout_benchmark_set(max(s.svr_shapes, s.cisp_shapes, s.prompts), seed=s.seed)
     from backend.pipelines.text_to_shape import stage2_config, validate
 
-    c2 = stage2_config(validate({"prompt": "x", **s.job}), device)
+    c2 = stage2_config(validate({"prompt": "x", **s.job}, []), device)
     print(f"bench quality: {len(shapes)} held-out prompts, {s.freeform} free-form prompts, device {device}; the "
           f"default job's stage 2: {c2.iterations} iterations x {c2.views} views at {c2.view.resolution}^2, "
           f"{c2.view.n_samples} samples per ray")
@@ -186,7 +187,7 @@ class DefaultJob:
         from backend.pipelines.iss_stages import Stage2Aligner, stage1_latent
         from backend.pipelines.text_to_shape import consistency_targets, stage2_config, validate
 
-        params = validate({"prompt": prompt, **self.overrides, "variants": variants})
+        params = validate({"prompt": prompt, **self.overrides, "variants": variants}, [])
         cfg = stage2_config(params, self.device)
         with torch.no_grad():
             f_t = self.clip.encode_text([params["prompt"]]).to(self.device)
@@ -204,7 +205,7 @@ class DefaultJob:
         return out
 
 
-def _judge(decoder, z, classifier, clip, f_t, device) -> dict:
+def judge_latent(decoder, z, classifier, clip, f_t, device) -> dict:
     """Classifier category/colour, CLIP consistency with f_T and emptiness of one decoded latent."""
     views = render_decoded(decoder, z).to(device)
     cat, col = classifier.predict_shape(views)
@@ -245,7 +246,7 @@ def _text_to_shape(profile, classifier, shapes, s: QualitySettings, device: str)
         for name, zs in latents.items():
             occs = []
             for z in zs:
-                j = _judge(decoder, z, classifier, clip, f_t, device)
+                j = judge_latent(decoder, z, classifier, clip, f_t, device)
                 occs.append(j["occ"])
                 if name != names[0]:
                     runs += 1
@@ -280,7 +281,7 @@ def _freeform(profile, classifier, s: QualitySettings, device: str) -> dict:
     empty = 0
     for k, (prompt, category, colour) in enumerate(FREEFORM_PROMPTS[: s.freeform]):
         res = job.run(prompt, s.seed + k, 1)
-        j = _judge(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], device)
+        j = judge_latent(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], device)
         empty += j["empty"]
         row["cat"].append(float(j["cat"] == category))
         row["clip"].append(j["clip"])

@@ -3,7 +3,11 @@
 "12 fully-connected and Leaky-ReLU layers" mapping the CLIP image feature f_I to the shape space Omega_S of the
 SVR model. Stage 1 trains it with the L2 regression loss of Eq. 2, ``L_M = ||M(f_I) - E_S(I)||^2``
 (:meth:`Mapper.regression_loss`), at lr 1e-4 (Sec. 4.2); stage 2 fine-tunes it per text with the CLIP consistency
-loss (Eq. 4/5, in ``backend.losses``). Weights are initialised N(0, 0.02) with zero biases, as in the ISS code.
+loss (Eq. 4/5, in ``backend.losses``). Weights are initialised with He (Kaiming) normal initialisation for the
+LeakyReLU and zero biases. The ISS code draws them from N(0, 0.02) (``init="normal"``); through 12 layers of width
+256-512 that init shrinks the signal by about 10x per layer, so the mapper starts constant and, in a CPU-length
+schedule, stays close to the mean latent: every prompt then gives the same shape (issue 12). He init keeps the
+signal's scale through the stack.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class MapperConfig:
     hidden: int = 512        # width of the hidden layers
     n_layers: int = 12       # ISS Sec. 3.3.1: 12 fully connected layers
     negative_slope: float = 0.02  # LeakyReLU(0.02)
-    init_std: float = 0.02   # weights ~ N(0, 0.02)
+    init_std: float = 0.02   # init="normal": weights ~ N(0, 0.02) (ISS code)
+    init: str = "he"         # "he" (Kaiming normal for LeakyReLU) or "normal"
 
 
 class Mapper(nn.Module):
@@ -51,7 +56,10 @@ class Mapper(nn.Module):
     def reset_parameters(self) -> None:
         for m in self.net:
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, self.config.init_std)
+                if self.config.init == "he":
+                    nn.init.kaiming_normal_(m.weight, a=self.config.negative_slope, nonlinearity="leaky_relu")
+                else:
+                    nn.init.normal_(m.weight, 0.0, self.config.init_std)
                 nn.init.zeros_(m.bias)
 
     def forward(self, f: Tensor) -> Tensor:
@@ -78,5 +86,5 @@ class Mapper(nn.Module):
     def tiny(cls, device: str = "cpu", seed: int = 2, in_dim: int = 32, out_dim: int = 16) -> "Mapper":
         """Tiny random mapper matching the tiny CLIP (32-d) and tiny SVR latent (16-d)."""
         with deterministic(seed):
-            m = cls(MapperConfig(in_dim=in_dim, out_dim=out_dim, hidden=32, n_layers=12))
+            m = cls(MapperConfig(in_dim=in_dim, out_dim=out_dim, hidden=32, n_layers=12, init="normal"))
         return m.to(device).eval()

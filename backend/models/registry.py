@@ -297,6 +297,14 @@ class Profile:
             f"no public weights exist for this project's {kind} model; expected a trained copy at {folder / missing[0]}",
             fetch=f"python -m backend train {kind} --out {folder}", public=False)
 
+    def subjects(self) -> Optional[list[str]]:
+        """The object categories this profile's shape models were trained on (None: open-world, e.g. pretrained)."""
+        if self.name == "starter":
+            from backend.training.world import CATEGORIES
+
+            return list(CATEGORIES)
+        return None
+
     def components(self) -> dict[str, ComponentStatus]:
         return {k: self.component(k) for k in KINDS}
 

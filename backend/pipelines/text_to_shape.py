@@ -340,6 +340,28 @@ def _png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+UNFAMILIAR_BELOW = 0.3  # cosine of f_T with the closest "a <subject>"; synonyms and sentences score 0.4-0.8
+
+
+def unfamiliar_prompt(profile: Any, clip: Any, f_text: torch.Tensor) -> str:
+    """A warning when the prompt is far from every subject the profile's shape models know ("" otherwise).
+
+    The starter models know 13 kinds of object; a prompt in a language or about a thing they never saw still gives
+    a shape, so the artist is told what the models understood instead of getting an unrelated blob in silence.
+    """
+    subjects = profile.subjects() if hasattr(profile, "subjects") else None
+    if not subjects:
+        return ""
+    with torch.no_grad():
+        known = clip.encode_text([f"a {s}" for s in subjects]).to(f_text.device)
+        sims = (known @ f_text.reshape(-1, 1)).flatten()
+    best = int(sims.argmax())
+    if float(sims[best]) >= UNFAMILIAR_BELOW:
+        return ""
+    return (f"the {profile.name} models may not understand this prompt: the closest thing they know is "
+            f"\"{subjects[best]}\" (similarity {float(sims[best]):.2f}); they know {', '.join(subjects)}, in English")
+
+
 def consistency_targets(profile: Any, f_text: torch.Tensor, n: int, tau: float,
                         seed: int) -> tuple[list[torch.Tensor], list[int], str]:
     """Stage-2 targets of ``n`` variants (ISS++ Eq. 5), the seed of each variant's random views, and a note.
@@ -390,6 +412,11 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         yield Progress("load", 0, 1, msg)
     with torch.no_grad():
         f_text = clip.encode_text([prompt]).to(device)
+    warning = unfamiliar_prompt(profile, clip, f_text)
+    if warning:
+        info_base["prompt_unfamiliar"] = warning
+        log.warning(warning)
+        yield Progress("load", 0, 1, warning)
 
     targets, view_seeds, note = consistency_targets(profile, f_text, n, params["tau"], seed)
     if note:

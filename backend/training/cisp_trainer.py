@@ -44,8 +44,8 @@ class CISPTrainConfig:
     cond_tokens: int = 4
     sample_steps: int = 25
     guidance_scale: float = 3.0
-    contrastive_steps: int = 200
-    diffusion_steps: int = 120
+    contrastive_steps: int = 400
+    diffusion_steps: int = 600
     batch_size: int = 16
     lr: float = 5e-4
     seed: int = 0

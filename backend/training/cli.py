@@ -6,11 +6,12 @@ Every command is reproducible from ``--seed`` and records the exact command line
     train dataset --out data/train.npz           render the training split (and --split heldout for evaluation)
     train clip --data data/train.npz             the starter CLIP (open_clip code, custom config)
     train classifier --data data/train.npz       the independent quality classifier (bench quality)
-    train svr --data data/train.npz              the ISS SVR model (encoder E_S + implicit decoder D)
+    train svr --data data/train.npz              the ISS SVR model (encoder E_S + implicit decoder D), 3D-supervised
+    train svr --image-losses [--no-ssc]          ShapeClipper's image-supervised SVR with / without SSC (ablation)
     train mapper --data data/train.npz           the ISS stage-1 mapper M (Eq. 2) + background loss (Eq. 3) on D
     train prior --data data/train.npz            the diffusion prior f_T -> f_I
     train cisp --data data/train.npz             CISP embedding + conditioned voxel diffusion
-    train all                                     everything above, in order, into backend/models/starter
+    train all                                     everything above, independent trainers in parallel processes
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> int:
 ALL_STAGES: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("clip", ()), ("svr", ()), ("classifier", ())),
     (("mapper", ()),),
-    (("prior", ()), ("cisp", ())),
+    (("prior", ()), ("cisp", ()), ("svr", ("--image-losses",)), ("svr", ("--image-losses", "--no-ssc"))),
 )
 
 
