@@ -238,6 +238,7 @@ class JobManager:
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._shutdown_reason = ""
         self._current: Optional[Job] = None
         self._reload()
         self._worker = threading.Thread(target=self._work, name="stepstone-gpu-worker", daemon=True)
@@ -334,7 +335,10 @@ class JobManager:
 
     def shutdown(self, reason: str = "the backend was shut down before this job finished",
                  timeout_s: float = 10.0) -> None:
-        """Stop accepting work, fail queued jobs, stop the running one and join the worker."""
+        """Stop accepting work, fail queued jobs, stop the running one and wait for it (``timeout_s``).
+
+        A running job ends at its next cancellation check. If it has not within ``timeout_s``, it is failed now
+        (its terminal event is decided and emitted); :meth:`join_worker` then waits for the thread itself."""
         with self._cv:
             self._stopping = True
             while self._queue:
@@ -343,13 +347,40 @@ class JobManager:
             if self._current is not None:
                 self._current.cancel.cancel(reason)
             self._cv.notify_all()
-        self._worker.join(timeout_s)
-        if self._worker.is_alive():
-            log.warning("the running job did not stop within %.0f s", timeout_s)
+        self._shutdown_reason = reason
+        if timeout_s > 0:
+            self._worker.join(timeout_s)
+            self.fail_running()
+
+    def fail_running(self) -> None:
+        """After :meth:`shutdown`: a job still running (it has not reached a cancellation check yet) is failed now,
+        so its terminal event goes out before the sockets close; the worker thread finishes it silently later."""
+        if not self._worker.is_alive():
+            return
+        with self._cv:
             cur = self._current
-            if cur is not None:
-                with self._cv:
-                    self._finish(cur, FAILED, error={"code": "backend_shutdown", "message": reason})
+            if cur is not None and cur.state not in TERMINAL:
+                log.warning("job %s did not stop in time; failing it now", cur.id)
+                self._finish(cur, FAILED, error={"code": "backend_shutdown", "message": self._shutdown_reason})
+
+    def worker_alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def join_worker(self, give_up: Optional[threading.Event] = None, report_every_s: float = 10.0) -> bool:
+        """Wait for the worker thread to end (after :meth:`shutdown`), however long the running pipeline takes to
+        reach its next cancellation check, unless ``give_up`` is set. Returns whether the thread ended."""
+        waited = 0.0
+        while self._worker.is_alive():
+            if give_up is not None and give_up.is_set():
+                return False
+            self._worker.join(0.1)
+            waited += 0.1
+            if waited >= report_every_s:
+                waited = 0.0
+                cur = self._current
+                log.warning("still waiting for job %s to reach its next cancellation check",
+                            cur.id if cur is not None else "?")
+        return True
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         end = time.monotonic() + timeout_s

@@ -26,6 +26,7 @@ import signal
 import socket as pysocket
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ log = logging.getLogger("stepstone.server")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_CREDIT = 1024 * 1024 * 1024
 MIN_CREDIT = 64 * 1024
+JOB_STOP_GRACE_S = 10.0  # at shutdown, how long the running job may take to reach its next cancellation check
+GOODBYE_GRACE_S = 5.0  # at shutdown, how long to wait for clients to read the last events and answer `bye`
 
 
 @dataclass
@@ -117,9 +120,11 @@ class Server:
         self.backend_id = uuid.uuid4().hex[:12]
         self.key = P.new_key()
         self._stop = threading.Event()
+        self._force = threading.Event()  # a second signal: stop waiting for clients and the running job
         self.stop_reason = ""
         self._events: "queue.Queue[tuple]" = queue.Queue()
         self._local = threading.local()
+        self._ref = ""  # id of the message being handled (for the error answer if a handler fails)
         self._sessions: dict[str, Session] = {}  # client id -> session
         self._by_routing: dict[bytes, Session] = {}
         self._watchers: dict[str, set[str]] = {}  # job id -> client ids that receive its events
@@ -135,6 +140,7 @@ class Server:
         self.router: Optional[zmq.Socket] = None
         self.decoder = P.Decoder(self.key, max_bytes=config.max_bytes, kinds=P.CLIENT_KINDS)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-store-reader")
+        self._intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-intake")
 
     # ------------------------------------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -280,14 +286,36 @@ class Server:
             self._by_routing.pop(sess.routing, None)
 
     # ------------------------------------------------------------------------------------------------ receiving
+    def _handle_safely(self, frames: list) -> None:
+        """:meth:`_handle`, and whatever escapes it is logged with its traceback and answered with an ``error``
+        carrying the request's ``ref``: a message never takes the server down."""
+        self._ref = ""
+        try:
+            self._handle(frames)
+        except Exception as exc:
+            log.error("internal error while handling a message (ref %s):\n%s", self._ref or "?",
+                      traceback.format_exc())
+            fields = {"code": "internal", "message": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                                     "the backend goes on serving; its log has the details"}
+            if self._ref:
+                fields["ref"] = self._ref
+            try:
+                self._send_direct(frames[0].bytes, P.ERROR, fields)
+            except Exception:  # pragma: no cover - the socket itself failed; the log has the first error
+                log.exception("could not answer the failed message")
+
     def _handle(self, frames: list) -> None:
         routing = frames[0].bytes
         try:
             msg = self.decoder.decode(frames[1:])
         except P.ProtocolError as exc:
             log.warning("refused a message: %s", exc)
-            self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message})
+            fields = {"code": exc.code, "message": exc.message}
+            if exc.ref:
+                fields["ref"] = exc.ref
+            self._send_direct(routing, P.ERROR, fields)
             return
+        self._ref = msg.id
         if msg.kind == P.HELLO:
             self._hello(routing, msg)
             return
@@ -460,61 +488,118 @@ class Server:
             self.stop_reason = reason
         self._stop.set()
 
+    def force_stop(self) -> None:
+        """A second signal: stop waiting for slow clients and for a job that never reaches a cancellation check."""
+        self._force.set()
+
     def run(self) -> None:
         assert self.router is not None and self.manager is not None
         self._main_thread = threading.get_ident()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
-        hb = self.config.heartbeat_s
-        tick = max(10, int(hb * 1000 / 4))
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(tick))
-                if self._wake_pull in ready:
-                    while True:
-                        try:
-                            self._wake_pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                if self.router in ready:
-                    for _ in range(200):  # bounded so outgoing traffic is not starved
-                        try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if len(frames) < 2:
-                            continue
-                        self._handle(frames)
-                self._fan_out()
-                now = time.monotonic()
-                for sess in list(self._sessions.values()):
-                    if now - sess.last_heard > self.config.session_timeout_s:
-                        self._drop_session(sess, f"silent for {now - sess.last_heard:.0f} s")
-                        continue
-                    self._flush(sess)
-                    if now - sess.last_sent >= hb and sess.client in self._sessions:
-                        if self._send_direct(sess.routing, P.HEARTBEAT, {}):
-                            sess.last_sent = now
+                self._tick(poller)
         finally:
-            self._shutdown()
+            self._shutdown(poller)
 
-    def _shutdown(self) -> None:
+    def _tick(self, poller: zmq.Poller) -> None:
+        """One turn of the loop: read (bounded), fan events out, flush outboxes, heartbeats, forget silent clients."""
+        assert self.router is not None
+        hb = self.config.heartbeat_s
+        ready = dict(poller.poll(max(10, int(hb * 1000 / 4))))
+        if self._wake_pull in ready:
+            while True:
+                try:
+                    self._wake_pull.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        if self.router in ready:
+            for _ in range(200):  # bounded so outgoing traffic is not starved
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) < 2:
+                    continue
+                self._handle_safely(frames)
+        self._fan_out()
+        now = time.monotonic()
+        for sess in list(self._sessions.values()):
+            if now - sess.last_heard > self.config.session_timeout_s:
+                self._drop_session(sess, f"silent for {now - sess.last_heard:.0f} s")
+                continue
+            self._flush(sess)
+            if now - sess.last_sent >= hb and sess.client in self._sessions:
+                if self._send_direct(sess.routing, P.HEARTBEAT, {}):
+                    sess.last_sent = now
+
+    def _shutdown(self, poller: zmq.Poller) -> None:
+        """Stop in an order that loses nothing (issue 17, item 6):
+
+        1. the manager stops accepting work, fails the queued jobs and cancels the running one, which ends at its
+           next cancellation check while the loop keeps serving (heartbeats, events); if it has not within
+           ``JOB_STOP_GRACE_S`` it is failed anyway: that outcome is decided and reported now;
+        2. every terminal event decided so far, then ``bye``, goes to every session, and the loop keeps reading
+           until each client has answered ``bye`` (or ``GOODBYE_GRACE_S`` passes). A client's DEALER discards
+           what it received but had not yet read when the connection drops, so closing the socket right after
+           sending lost the ``failed`` event whenever the client was slower than the close (under load);
+        3. the worker thread is joined before the sockets close and the interpreter exits: a thread still inside
+           torch at interpreter exit aborts the process (``terminate called without an active exception``).
+        """
         log.info("backend %s stopping: %s", self.backend_id, self.stop_reason or "stopped")
         if self.manager is not None:
-            self.manager.shutdown()
+            self.manager.shutdown(timeout_s=0)  # queued jobs fail now; the running one is told to stop
+            # keep serving (heartbeats, events, refusals) while the running job reaches its cancellation check
+            end = time.monotonic() + JOB_STOP_GRACE_S
+            while self.manager.worker_alive() and time.monotonic() < end and not self._force.is_set():
+                self._tick(poller)
+            self.manager.fail_running()
+        self._intake.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)
-        # deliver the terminal events of jobs ended by the shutdown, best effort
-        self._fan_out()
-        for sess in list(self._sessions.values()):
-            self._flush(sess, ignore_credit=True)
-            if sess.client in self._sessions:
-                self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"})
+        self._say_goodbye()
+        if self.manager is not None and not self.manager.join_worker(self._force):
+            log.error("the running job never reached a cancellation check; exiting without waiting for it")
         if self.connection_file is not None:
             remove_connection_file(self.connection_file, self.backend_id)
-        # closing every socket with a linger, then terminating the context, flushes what is still queued
-        # (the terminal events and `bye` above) before the process exits; the worker thread has been joined.
         self._ctx.destroy(linger=1000)
+
+    def _say_goodbye(self) -> None:
+        """Deliver the queued events (terminal ones included) and ``bye``; wait for each client's ``bye``."""
+        assert self.router is not None
+        self._fan_out()
+        waiting: dict[bytes, Session] = {}
+        for sess in list(self._sessions.values()):
+            self._flush(sess, ignore_credit=True)
+            if not sess.outbox and sess.client in self._sessions:
+                if self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"}):
+                    waiting[sess.routing] = sess
+        end = time.monotonic() + GOODBYE_GRACE_S
+        while waiting and time.monotonic() < end and not self._force.is_set():
+            for sess in list(self._sessions.values()):  # what did not fit in the pipe at the first try
+                if sess.outbox:
+                    self._flush(sess, ignore_credit=True)
+                    if not sess.outbox and sess.routing not in waiting and sess.client in self._sessions:
+                        if self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"}):
+                            waiting[sess.routing] = sess
+            if not self.router.poll(20, zmq.POLLIN):
+                continue
+            while True:
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) < 2:
+                    continue
+                try:
+                    msg = self.decoder.decode(frames[1:])
+                except P.ProtocolError:
+                    continue
+                if msg.kind == P.BYE:
+                    waiting.pop(frames[0].bytes, None)
+        if waiting:
+            log.info("%d client(s) did not answer bye within %.0f s", len(waiting), GOODBYE_GRACE_S)
 
 
 def _warm_up(all_workflows: bool = True) -> None:
@@ -571,6 +656,9 @@ def main(argv: list[str]) -> int:
         return 2
 
     def _on_signal(signum: int, _frame: Any) -> None:
+        if server._stop.is_set():
+            log.warning("second %s: not waiting any longer", signal.Signals(signum).name)
+            server.force_stop()
         server.stop(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGINT, _on_signal)
@@ -579,4 +667,9 @@ def main(argv: list[str]) -> int:
     print(f"connection file: {server.connection_file}", flush=True)
     server.run()
     print(f"Stepstone backend {server.backend_id} stopped ({server.stop_reason})", flush=True)
+    if server.manager is not None and server.manager.worker_alive():
+        # forced out while the worker is inside a pipeline: leave without running interpreter shutdown, which
+        # would abort in the C++ runtime under a thread still inside torch
+        logging.shutdown()
+        os._exit(1)
     return 0

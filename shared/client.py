@@ -146,9 +146,9 @@ class Client:
                                     "credit": self.credit_bytes, "name": self.name}):
                 self._hello_pending = False
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, linger_ms: int = 0) -> None:
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close(linger=linger_ms)
             self._sock = None
 
     def close(self) -> None:
@@ -299,7 +299,11 @@ class Client:
             out.append(msg)
             return
         if kind == P.BYE:
-            self._disconnect(f"the backend shut down ({msg.fields.get('reason', 'no reason given')})", out)
+            # answer, so the backend knows everything before its bye was read (it waits for this before closing
+            # the connection: a DEALER discards received-but-unread messages when its connection drops)
+            self._send(P.BYE, {})
+            self._disconnect(f"the backend shut down ({msg.fields.get('reason', 'no reason given')})", out,
+                             linger_ms=500)
             return
         if kind == P.ERROR and msg.fields.get("code") == "no_session":
             # the backend forgot us (we were silent too long, or it restarted with the same key): hello again
@@ -336,11 +340,11 @@ class Client:
                 f"no heartbeat from the backend for {now - self._last_heard:.1f} s; it stopped or crashed", out
             )
 
-    def _disconnect(self, reason: str, out: list[P.Message]) -> None:
+    def _disconnect(self, reason: str, out: list[P.Message], linger_ms: int = 0) -> None:
         log.warning("backend connection lost: %s", reason)
         self.state = DISCONNECTED
         self.reason = reason
-        self._close_socket()
+        self._close_socket(linger_ms)
         self._next_retry = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 8.0)
         if not self._reported_down:

@@ -89,10 +89,11 @@ class ProtocolError(Exception):
     ``too_large``, ``bad_frame``, ``bad_header``, ``bad_dtype``, ``bad_shape``, ``version``); ``message`` is for
     people."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, *, ref: str = ""):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.ref = ref  # the refused message's id, when its signature could be checked (for the error's ``ref``)
 
 
 @dataclass
