@@ -37,12 +37,11 @@ import numpy as np
 import zmq
 
 from backend.errors import InputError, StepstoneError
-from backend.events import MeshInput
+from backend.intake import Credit, Hello, JobRequest, Submit, parse_request
 from backend.jobs import DONE, TERMINAL, JobManager, JobStore, default_store_dir
 from shared import protocol as P
 from shared.client import DEFAULT_CREDIT, FLOW_KINDS
 from shared.connection import default_connection_file, remove_connection_file, write_connection_file
-from shared.mesh import MeshError, validate_mesh
 
 log = logging.getLogger("stepstone.server")
 
@@ -138,6 +137,7 @@ class Server:
         self.device = "cpu"
         self.manager: Optional[JobManager] = None
         self.router: Optional[zmq.Socket] = None
+        self._capabilities: dict = {}
         self.decoder = P.Decoder(self.key, max_bytes=config.max_bytes, kinds=P.CLIENT_KINDS)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-store-reader")
         self._intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-intake")
@@ -160,6 +160,7 @@ class Server:
         # "cpu" needs no torch import here (seconds on a busy machine); "auto"/"cuda" ask torch
         self.device = "cpu" if cfg.device == "cpu" else resolve_device(cfg.device)
         self.profile = load_profile(cfg.profile, device=self.device)
+        self._capabilities = self.profile.capabilities()  # computed once, here, not on every hello
         store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
         self.manager = JobManager(store, profile=self.profile, device=self.device, backend_id=self.backend_id,
                                   emit=self._emit, seed=cfg.seed)
@@ -223,6 +224,9 @@ class Server:
                 sess = self._sessions.get(fields["client"])
                 if sess is not None:
                     sess.enqueue(arrays)
+                continue
+            if kind == "@admit":  # a submit's verdict from the intake thread (see _validate)
+                self._admit(**fields)
                 continue
             key = None
             if kind == P.MESH:
@@ -316,8 +320,19 @@ class Server:
             self._send_direct(routing, P.ERROR, fields)
             return
         self._ref = msg.id
-        if msg.kind == P.HELLO:
-            self._hello(routing, msg)
+        try:
+            req = parse_request(msg)
+        except StepstoneError as exc:
+            code = "bad_hello" if msg.kind == P.HELLO else exc.code
+            if msg.kind == P.SUBMIT and self._by_routing.get(routing) is not None:
+                sess = self._by_routing[routing]
+                sess.enqueue(_Out(P.REJECTED, {"ref": msg.id, "workflow": str(msg.fields.get("workflow"))[:64],
+                                               "code": exc.code, "message": exc.message}, None))
+                return
+            self._send_direct(routing, P.ERROR, {"code": code, "message": exc.message, "ref": msg.id})
+            return
+        if isinstance(req, Hello):
+            self._hello(routing, req)
             return
         sess = self._by_routing.get(routing)
         if sess is None:
@@ -328,21 +343,20 @@ class Server:
         try:
             if k == P.HEARTBEAT:
                 pass
-            elif k == P.CREDIT:
-                n = msg.fields.get("bytes", 0)
-                if isinstance(n, int) and n > 0:
-                    sess.in_flight = max(0, sess.in_flight - n)
+            elif isinstance(req, Credit):
+                if req.nbytes > 0:
+                    sess.in_flight = max(0, sess.in_flight - req.nbytes)
             elif k == P.PING:
                 self._send_direct(routing, P.PONG, {"ref": msg.id, "backend_id": self.backend_id})
-            elif k == P.SUBMIT:
-                self._submit(sess, msg)
-            elif k == P.CANCEL:
-                self._cancel(sess, msg)
+            elif isinstance(req, Submit):
+                self._submit(sess, req, msg.id)
+            elif k == P.CANCEL and isinstance(req, JobRequest):
+                self._cancel(sess, req.job, msg.id)
             elif k == P.LIST_JOBS:
                 assert self.manager is not None
                 sess.enqueue(_Out(P.JOBS, {"ref": msg.id, "jobs": self.manager.list()}, None))
-            elif k == P.FETCH:
-                self._fetch(sess, msg)
+            elif k == P.FETCH and isinstance(req, JobRequest):
+                self._fetch(sess, req.job, msg.id)
             elif k == P.SHUTDOWN:
                 log.info("shutdown requested by client %s (%s)", sess.client[:8], sess.name)
                 self.stop("shutdown requested by a client")
@@ -351,115 +365,99 @@ class Server:
         except StepstoneError as exc:
             self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message, "ref": msg.id})
 
-    def _hello(self, routing: bytes, msg: P.Message) -> None:
-        client = msg.fields.get("client")
-        if not isinstance(client, str) or not client or len(client) > 128:
-            self._send_direct(routing, P.ERROR, {"code": "bad_hello", "message": "hello needs a client id"})
-            return
-        credit = msg.fields.get("credit", DEFAULT_CREDIT)
-        credit = int(min(max(credit if isinstance(credit, int) else DEFAULT_CREDIT, MIN_CREDIT), MAX_CREDIT))
+    def _hello(self, routing: bytes, req: Hello) -> None:
+        client = req.client
+        credit = int(min(max(req.credit if req.credit is not None else DEFAULT_CREDIT, MIN_CREDIT), MAX_CREDIT))
         sess = self._sessions.get(client)
         if sess is None:
             sess = Session(client=client, routing=routing)
             self._sessions[client] = sess
-            log.info("session %s (%s) opened", client[:8], msg.fields.get("name", "client"))
+            log.info("session %s (%s) opened", client[:8], req.name)
         elif sess.routing != routing:
             self._by_routing.pop(sess.routing, None)
         sess.routing = routing
-        sess.name = str(msg.fields.get("name", "client"))[:64]
+        sess.name = req.name
         sess.credit = credit
         sess.in_flight = 0  # a new connection: whatever was in flight on the old one is gone
         sess.last_heard = time.monotonic()
         self._by_routing[routing] = sess
-        caps = self.profile.capabilities() if self.profile is not None else {}
         self._send_direct(routing, P.WELCOME, {
             "protocol": P.PROTOCOL_VERSION,
             "backend_id": self.backend_id,
             "profile": getattr(self.profile, "name", None),
             "device": self.device,
-            "capabilities": caps,
+            "capabilities": self._capabilities,
             "heartbeat_s": self.config.heartbeat_s,
             "pid": os.getpid(),
         })
         sess.last_sent = time.monotonic()
 
-    def _inputs(self, msg: P.Message) -> list[MeshInput]:
-        descs = msg.fields.get("meshes") or []
-        if not isinstance(descs, list):
-            raise InputError("'meshes' must be a list")
-        inputs = []
-        for i, d in enumerate(descs):
-            if not isinstance(d, dict):
-                raise InputError(f"mesh {i}: description must be an object")
-            name = str(d.get("name") or f"mesh{i}")
-            v = msg.arrays.get(f"mesh{i}.vertices")
-            f = msg.arrays.get(f"mesh{i}.faces")
-            c = msg.arrays.get(f"mesh{i}.colors")
-            if v is None or f is None:
-                raise InputError(f"mesh {name!r}: vertices or faces missing from the message")
-            try:
-                validate_mesh(v, f, c, what=f"mesh {name!r}")
-            except MeshError as exc:
-                raise InputError(str(exc)) from None
-            mw = d.get("matrix_world")
-            if mw is not None:
-                try:
-                    mw = np.asarray(mw, dtype=np.float64).reshape(4, 4)
-                except (TypeError, ValueError):
-                    raise InputError(f"mesh {name!r}: matrix_world must be 16 numbers (row-major 4x4)") from None
-                if not np.isfinite(mw).all():
-                    raise InputError(f"mesh {name!r}: matrix_world has NaN or infinite entries")
-            # copy out of the ZeroMQ frame: the job outlives the message
-            inputs.append(MeshInput(name=name, vertices=np.array(v, np.float32), faces=np.array(f, np.uint32),
-                                    colors=None if c is None else np.array(c, np.uint8), matrix_world=mw))
-        return inputs
-
-    def _submit(self, sess: Session, msg: P.Message) -> None:
-        assert self.manager is not None
-        workflow = msg.fields.get("workflow")
-        params = msg.fields.get("params") or {}
+    def _submit(self, sess: Session, req: Submit, ref: str) -> None:
+        """Validation may import torch and a workflow's modules (seconds): it runs on the intake thread, never
+        here, so heartbeats keep flowing; the verdict comes back through the event queue (:meth:`_admit`)."""
+        client = sess.client
         try:
-            if not isinstance(workflow, str):
-                raise InputError("submit needs a 'workflow' name")
-            inputs = self._inputs(msg)
-            job = self.manager.submit(workflow, params, inputs, owner=sess.client, ref=msg.id)
+            self._intake.submit(self._validate, client, req, ref)
+        except RuntimeError:  # the intake is shut down: the backend is stopping
+            sess.enqueue(_Out(P.REJECTED, {"ref": ref, "workflow": req.workflow, "code": "shutting_down",
+                                           "message": "the backend is shutting down; submit again after it "
+                                                      "restarts"}, None))
+
+    def _validate(self, client: str, req: Submit, ref: str) -> None:
+        """(intake thread) Parse and validate the job's parameters, then hand the verdict to the loop."""
+        assert self.manager is not None
+        try:
+            params: Any = self.manager.validate(req.workflow, req.params, req.inputs)
         except StepstoneError as exc:
-            log.info("rejected %s from %s: %s", workflow, sess.client[:8], exc.message)
-            sess.enqueue(_Out(P.REJECTED, {"ref": msg.id, "workflow": workflow, "code": exc.code,
-                                           "message": exc.message}, None))
+            params = exc
+        except Exception as exc:  # a bug in validation: the client still gets an answer
+            log.error("validating %s failed:\n%s", req.workflow, traceback.format_exc())
+            params = StepstoneError(f"internal error while checking the request ({type(exc).__name__}); "
+                                    "see the backend log", code="internal")
+        self._emit(None, "@admit", {"client": client, "req": req, "ref": ref, "params": params}, None)  # type: ignore[arg-type]
+
+    def _admit(self, client: str, req: Submit, ref: str, params: Any) -> None:
+        """(loop) Queue a validated job and tell its owner, or tell why not."""
+        assert self.manager is not None
+        sess = self._sessions.get(client)
+        try:
+            if isinstance(params, StepstoneError):
+                raise params
+            job = self.manager.enqueue(req.workflow, params, req.inputs, owner=client, ref=ref)
+        except StepstoneError as exc:
+            log.info("rejected %s from %s: %s", req.workflow, client[:8], exc.message)
+            if sess is not None:
+                sess.enqueue(_Out(P.REJECTED, {"ref": ref, "workflow": req.workflow, "code": exc.code,
+                                               "message": exc.message}, None))
             return
         # subscribe before the worker can emit anything about it: accepted is queued first
-        self._watchers.setdefault(job.id, set()).add(sess.client)
-        sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": msg.id, "workflow": workflow,
-                                       "position": self.manager.position(job)}, None))
-        self._fan_out()  # events the worker may already have queued come after `accepted`
+        self._watchers.setdefault(job.id, set()).add(client)
+        if sess is not None:
+            sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": ref, "workflow": req.workflow,
+                                           "position": self.manager.position(job)}, None))
 
-    def _cancel(self, sess: Session, msg: P.Message) -> None:
+    def _cancel(self, sess: Session, job_id: str, ref: str) -> None:
         assert self.manager is not None
-        job_id = msg.fields.get("job")
-        if not isinstance(job_id, str):
-            raise InputError("cancel needs a 'job' id")
         outcome = self.manager.cancel(job_id)
         if outcome == "finished":
             # it had already ended: nothing to cancel, and no second terminal event
             state = self.manager.jobs[job_id].state
-            self._send_direct(sess.routing, P.ERROR, {"code": "already_finished", "ref": msg.id, "job": job_id,
+            self._send_direct(sess.routing, P.ERROR, {"code": "already_finished", "ref": ref, "job": job_id,
                                                       "message": f"job {job_id} had already ended ({state})"})
 
-    def _fetch(self, sess: Session, msg: P.Message) -> None:
+    def _fetch(self, sess: Session, job_id: str, ref: str) -> None:
         assert self.manager is not None
-        job_id = msg.fields.get("job")
-        job = self.manager.get(job_id) if isinstance(job_id, str) else None
+        job = self.manager.get(job_id)
         if job is None:
-            raise InputError(f"no job with id {job_id!r} in this backend's store")
-        sess.enqueue(_Out(P.RESULT, {"ref": msg.id, "job": job.id, "summary": job.summary()}, None))
+            raise InputError(f"no job with id {job_id[:80]!r} in this backend's store")
+        sess.enqueue(_Out(P.RESULT, {"ref": ref, "job": job.id, "summary": job.summary()}, None))
         if job.state not in TERMINAL:
             self._watchers.setdefault(job.id, set()).add(sess.client)
             return
         if job.state != DONE:
             return
         # reading GLB files takes a while for big meshes: do it off the I/O thread, then queue the meshes
-        self._loader.submit(self._load_result, sess.client, job, msg.id)
+        self._loader.submit(self._load_result, sess.client, job, ref)
 
     def _load_result(self, client: str, job: Any, ref: str) -> None:
         """(loader thread) Read a finished job's GLB files and hand them to the loop for ``client``."""
