@@ -42,7 +42,8 @@ class BackendProcess:
     """``python -m backend serve`` in a subprocess, with its own connection file, store and log file."""
 
     def __init__(self, workdir: Path, *, profile: str = "tiny", device: str = "cpu", port: int = 0,
-                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None, warm_up: bool = False) -> None:
+                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None, warm_up: bool = False,
+                 wrap: Optional[list[str]] = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.connection_file = self.workdir / "backend.json"
@@ -51,11 +52,12 @@ class BackendProcess:
         self.profile, self.device, self.port, self.heartbeat_s = profile, device, port, heartbeat_s
         self.extra_args = list(extra_args or [])
         self.warm_up = warm_up  # off by default: tests and the selftest only run the diagnostic workflow
+        self.wrap = list(wrap or [])  # a command prefix that execs the backend (e.g. unshare to mount a store)
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
 
     def start(self, timeout_s: float = 120.0) -> "BackendProcess":
-        cmd = [sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
+        cmd = [*self.wrap, sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
                "--store", str(self.store), "--device", self.device, "--port", str(self.port),
                "--heartbeat", str(self.heartbeat_s), *self.extra_args]
         if not self.warm_up:

@@ -185,7 +185,11 @@ class Server:
         endpoint = r.getsockopt(zmq.LAST_ENDPOINT).decode()
         port = int(endpoint.rsplit(":", 1)[1])
         adv = cfg.advertise or (pysocket.gethostname() if cfg.host in ("0.0.0.0", "::", "*") else cfg.host)
-        self.address = f"tcp://{adv}:{port}" if remote else f"tcp://127.0.0.1:{port}"
+        if not remote:
+            adv = "[::1]" if cfg.host == "::1" else "127.0.0.1"  # the address actually bound
+        elif ":" in adv and not adv.startswith("["):
+            adv = f"[{adv}]"
+        self.address = f"tcp://{adv}:{port}"
         self.router = r
         self.connection_file = write_connection_file(
             cfg.connection_file or default_connection_file(),

@@ -98,6 +98,7 @@ class Client:
         self._started = False
         self._pending: list[P.Message] = []  # synthetic messages to hand out at the next poll
         self._reported_down = False  # one "disconnected" message per outage, not one per retry
+        self._bad_signatures = 0  # answers signed with another key (a stale connection file)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -116,6 +117,8 @@ class Client:
         s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: sends to a dead backend fail at once
         s.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
         s.setsockopt(zmq.RCVHWM, 0)  # flow control is done with credit, not by dropping
+        if "[" in self.address:  # an IPv6 address, e.g. tcp://[::1]:PORT
+            s.setsockopt(zmq.IPV6, 1)
         if self.curve_server_key:
             pub, sec = zmq.curve_keypair()
             s.curve_publickey = pub
@@ -137,6 +140,7 @@ class Client:
         self._t_connect = now
         self._last_heard = now
         self._owed_credit = 0
+        self._bad_signatures = 0
         self._hello_pending = True
         self._try_hello()
 
@@ -277,6 +281,8 @@ class Client:
             msg = self._decoder.decode(frames)
         except P.ProtocolError as exc:
             self.dropped += 1
+            if exc.code == "bad_signature":
+                self._bad_signatures += 1
             log.warning("dropped a message from the backend: %s", exc)
             return
         self._last_heard = time.monotonic()
@@ -334,7 +340,13 @@ class Client:
         if self.state == CONNECTED and now - self._last_sent >= self.heartbeat_s:
             self._send(P.HEARTBEAT, {})
         if self.state == CONNECTING and now - self._t_connect > self.timeout_s:
-            self._disconnect(f"the backend at {self.address} did not answer within {self.timeout_s:g} s", out)
+            if self._bad_signatures:
+                self._disconnect(
+                    f"the backend at {self.address} answered, but not with this client's key: the connection "
+                    "details (key) belong to another backend run; re-read the connection file or restart the "
+                    "backend", out)
+            else:
+                self._disconnect(f"the backend at {self.address} did not answer within {self.timeout_s:g} s", out)
         elif self.state == CONNECTED and now - self._last_heard > self.timeout_s:
             self._disconnect(
                 f"no heartbeat from the backend for {now - self._last_heard:.1f} s; it stopped or crashed", out

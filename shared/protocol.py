@@ -24,6 +24,7 @@ import hmac
 import json
 import math
 import os
+import re
 import time
 import uuid
 import heapq
@@ -185,6 +186,9 @@ def encode(
     return [sign(key, hbytes), hbytes, *frames]
 
 
+_ID_TEXT = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.:-]{1,64})"')
+
+
 class _JSONLimit(ValueError):
     pass
 
@@ -281,14 +285,20 @@ class Decoder:
             if self._seen.get(mid) == until:
                 del self._seen[mid]
 
-    def _ref_of(self, hbytes: bytes, sig: memoryview) -> str:
-        """The id of a message refused before its header was parsed, if its signature holds (for ``ref``)."""
+    def _ref_of(self, hbytes: bytes, sig: Any) -> str:
+        """The id of a message refused before its header was parsed, if its signature holds (for ``ref``): from
+        the parsed header, else (the header is not acceptable JSON) from its text."""
         try:
-            if not hmac.compare_digest(sign(self.key, hbytes), sig.tobytes()):
+            if not hmac.compare_digest(sign(self.key, hbytes), bytes(sig)):
                 return ""
-            mid = loads(hbytes.decode("utf-8")).get("id")
         except Exception:
             return ""
+        try:
+            header = loads(hbytes.decode("utf-8"))
+            mid = header.get("id") if isinstance(header, dict) else None
+        except Exception:
+            m = _ID_TEXT.search(hbytes)
+            mid = m.group(1).decode("ascii") if m else None
         return mid if isinstance(mid, str) and 0 < len(mid) <= 64 else ""
 
     def decode(self, frames: list, *, now: Optional[float] = None) -> Message:
@@ -314,7 +324,8 @@ class Decoder:
         try:
             header = loads(hbytes.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError("bad_header", f"header is not valid JSON within the limits: {exc}") from None
+            raise ProtocolError("bad_header", f"header is not valid JSON within the limits: {exc}",
+                                ref=self._ref_of(hbytes, sig)) from None
         if not isinstance(header, dict):
             raise ProtocolError("bad_header", "header must be a JSON object")
         if header.get("v") != PROTOCOL_VERSION:
