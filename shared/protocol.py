@@ -328,17 +328,18 @@ class Decoder:
                                 ref=self._ref_of(hbytes, sig)) from None
         if not isinstance(header, dict):
             raise ProtocolError("bad_header", "header must be a JSON object")
+        mid = header.get("id")
+        if not isinstance(mid, str) or not mid or len(mid) > 64:
+            raise ProtocolError("bad_header", "header needs a message id (string of at most 64 characters)")
         if header.get("v") != PROTOCOL_VERSION:
             raise ProtocolError(
-                "version", f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}; update the older side"
+                "version", f"protocol version {str(header.get('v'))[:20]!r} is not {PROTOCOL_VERSION}; update the "
+                "older side", ref=mid
             )
         kind = header.get("kind")
         if not isinstance(kind, str) or kind not in self.kinds:
-            raise ProtocolError("bad_header", f"unexpected message kind {str(kind)[:40]!r}")
-        mid = header.get("id")
+            raise ProtocolError("bad_header", f"unexpected message kind {str(kind)[:40]!r}", ref=mid)
         ts = header.get("ts")
-        if not isinstance(mid, str) or not mid or len(mid) > 64:
-            raise ProtocolError("bad_header", "header needs a message id (string of at most 64 characters)")
         if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or abs(ts) > 1e12:
             raise ProtocolError("bad_header", "header needs a numeric timestamp 'ts' (Unix seconds)", ref=mid)
         ts = float(ts)
