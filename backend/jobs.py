@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import traceback
@@ -38,6 +37,7 @@ import numpy as np
 from backend.errors import Cancelled, InputError, ModelUnavailable, StepstoneError
 from backend.events import CancelToken, Image, JobContext, MeshInput, MeshUpdate, Progress
 from shared import protocol as P
+from shared.atomic import fsync_dir, write_atomic
 from shared.mesh import as_mesh_arrays
 
 log = logging.getLogger("stepstone.jobs")
@@ -72,38 +72,6 @@ def safe_name(name: str) -> str:
     """A file-name-safe version of a mesh slot name."""
     s = _SAFE.sub("_", name).strip("._") or "result"
     return s[:80]
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(str(d), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file all or nothing: ``write(fh)`` into an owner-only (0600) temporary file in the same folder,
-    fsync, rename over ``path``, fsync the folder. On any error the temporary file is removed."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -235,7 +203,7 @@ class JobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(d)
+        fsync_dir(d)
         return {"name": ev.name, "file": fname, "vertices": int(len(ev.vertices)), "faces": int(len(ev.faces)),
                 "info": _jsonable(ev.info)}
 

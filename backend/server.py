@@ -31,7 +31,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import zmq
@@ -506,6 +506,17 @@ class Server:
         finally:
             self._shutdown(poller)
 
+    def _incoming(self, limit: int) -> Iterator[list]:
+        """The frames of up to ``limit`` messages ready on the router (envelopes without a body skipped)."""
+        assert self.router is not None
+        for _ in range(limit):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) >= 2:
+                yield frames
+
     def _tick(self, poller: zmq.Poller) -> None:
         """One turn of the loop: read (bounded), fan events out, flush outboxes, heartbeats, forget silent clients."""
         assert self.router is not None
@@ -518,13 +529,7 @@ class Server:
                 except zmq.Again:
                     break
         if self.router in ready:
-            for _ in range(200):  # bounded so outgoing traffic is not starved
-                try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if len(frames) < 2:
-                    continue
+            for frames in self._incoming(200):  # bounded so outgoing traffic is not starved
                 self._handle_safely(frames)
         self._fan_out()
         now = time.monotonic()
@@ -587,13 +592,7 @@ class Server:
                             waiting[sess.routing] = sess
             if not self.router.poll(20, zmq.POLLIN):
                 continue
-            while True:
-                try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if len(frames) < 2:
-                    continue
+            for frames in self._incoming(1000):
                 try:
                     msg = self.decoder.decode(frames[1:])
                 except P.ProtocolError:

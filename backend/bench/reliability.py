@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import random
 import shutil
@@ -27,7 +28,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import zmq
 
@@ -349,6 +350,26 @@ def write_damaged_jobs(store: Path) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _served(b: BackendProcess, res: dict, name: str) -> Iterator[Any]:
+    """Start ``b``, yield a connected client; afterwards count a crash into ``res`` and stop the backend."""
+    b.start()
+    c = b.client(name=name)
+    try:
+        yield c
+    finally:
+        c.close()
+        if b.proc is not None and b.proc.poll() is not None:
+            res["crashes"] += 1
+        b.terminate()
+        b.kill()
+
+
+def _list_jobs(c: Any) -> dict[str, dict]:
+    c.list_jobs()
+    return {j["job"]: j for j in collect(c, lambda m: m.kind == P.JOBS, 20)[-1].fields["jobs"]}
+
+
 def _submit_and_settle(c: Any, params: dict, timeout_s: float = 60.0) -> P.Message:
     """Submit a diagnostic job; return its rejection or its terminal event."""
     ref = c.submit("diagnostic", params)
@@ -363,37 +384,30 @@ def scenario_full_store(workdir: Path) -> dict[str, Any]:
     """A store with 96 KB free: a job whose result does not fit fails clearly, the server survives, and once
     nothing fits new jobs are refused with the store's reason. Returns counts and the messages seen."""
     res: dict[str, Any] = {"crashes": 0, "stuck_jobs": 0, "unclear": 0, "failed_full": 0, "refused_full": 0}
-    b = tmpfs_backend(workdir, size_kb=4096, free_kb=96).start()
-    c = b.client(name="full")
-    try:
-        big = _submit_and_settle(c, {"faces": 400_000, "steps": 1})
-        if big.kind == P.FAILED and "is full" in big.fields.get("message", ""):
-            res["failed_full"] += 1
-        elif big.kind != P.DONE:
-            res["unclear"] += 1
-        for _ in range(40):
-            m = _submit_and_settle(c, {"steps": 1, "resolution": 24})
-            if m.kind == P.REJECTED:
-                if m.fields.get("code") == "store_unavailable" and "is full" in m.fields["message"]:
-                    res["refused_full"] += 1
-                    res["refusal"] = m.fields["message"]
-                    break
+    with _served(tmpfs_backend(workdir, size_kb=4096, free_kb=96), res, "full") as c:
+        try:
+            big = _submit_and_settle(c, {"faces": 400_000, "steps": 1})
+            if big.kind == P.FAILED and "is full" in big.fields.get("message", ""):
+                res["failed_full"] += 1
+            elif big.kind != P.DONE:
                 res["unclear"] += 1
-            elif m.kind == P.FAILED:
-                if "is full" in m.fields.get("message", ""):
-                    res["failed_full"] += 1
-                else:
+            for _ in range(40):
+                m = _submit_and_settle(c, {"steps": 1, "resolution": 24})
+                if m.kind == P.REJECTED:
+                    if m.fields.get("code") == "store_unavailable" and "is full" in m.fields["message"]:
+                        res["refused_full"] += 1
+                        res["refusal"] = m.fields["message"]
+                        break
                     res["unclear"] += 1
-        c.ping()
-        collect(c, lambda m: m.kind == P.PONG, 20)
-    except TimeoutError:
-        res["stuck_jobs"] += 1
-    finally:
-        c.close()
-        if b.proc is not None and b.proc.poll() is not None:
-            res["crashes"] += 1
-        b.terminate()
-        b.kill()
+                elif m.kind == P.FAILED:
+                    if "is full" in m.fields.get("message", ""):
+                        res["failed_full"] += 1
+                    else:
+                        res["unclear"] += 1
+            c.ping()
+            collect(c, lambda m: m.kind == P.PONG, 20)
+        except TimeoutError:
+            res["stuck_jobs"] += 1
     return res
 
 
@@ -403,12 +417,8 @@ def scenario_readonly_store(workdir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"crashes": 0, "unclear": 0, "refused_readonly": 0, "lost_refs": 0}
     store = Path(workdir) / "ro-store"
     job_id = write_interrupted_job(store)
-    b = readonly_backend(workdir, store).start()
-    c = b.client(name="ro")
-    try:
-        c.list_jobs()
-        jobs = {j["job"]: j for j in collect(c, lambda m: m.kind == P.JOBS, 20)[-1].fields["jobs"]}
-        j = jobs.get(job_id)
+    with _served(readonly_backend(workdir, store), res, "ro") as c:
+        j = _list_jobs(c).get(job_id)
         if j is None or j["state"] != "failed" or j["error"]["code"] != "backend_restarted":
             res["unclear"] += 1
         if j is None or j.get("ref") != "ref-of-it":
@@ -419,12 +429,6 @@ def scenario_readonly_store(workdir: Path) -> dict[str, Any]:
             res["refusal"] = m.fields["message"]
         else:
             res["unclear"] += 1
-    finally:
-        c.close()
-        if b.proc is not None and b.proc.poll() is not None:
-            res["crashes"] += 1
-        b.terminate()
-        b.kill()
     return res
 
 
@@ -433,23 +437,14 @@ def scenario_damaged_store(workdir: Path, restarts: int = 2) -> dict[str, Any]:
     res: dict[str, Any] = {"crashes": 0, "hidden": 0, "unexplained": 0}
     damaged = write_damaged_jobs(Path(workdir) / "jobs")
     for _ in range(restarts):
-        b = BackendProcess(workdir).start()
-        c = b.client(name="damaged")
-        try:
-            c.list_jobs()
-            jobs = {j["job"]: j for j in collect(c, lambda m: m.kind == P.JOBS, 20)[-1].fields["jobs"]}
+        with _served(BackendProcess(workdir), res, "damaged") as c:
+            jobs = _list_jobs(c)
             for job_id, hint in damaged.items():
                 j = jobs.get(job_id)
                 if j is None:
                     res["hidden"] += 1
                 elif j["state"] != "damaged" or hint not in j["error"]["message"]:
                     res["unexplained"] += 1
-        finally:
-            c.close()
-            if b.proc is not None and b.proc.poll() is not None:
-                res["crashes"] += 1
-            b.terminate()
-            b.kill()
     return res
 
 
@@ -462,8 +457,7 @@ def kill_restart_trials(workdir: Path, trials: int) -> dict[str, int]:
         b = BackendProcess(workdir).start()
         c = b.client(name="trial")
         try:
-            c.list_jobs()
-            listed = {j["job"]: j for j in collect(c, lambda m: m.kind == P.JOBS, 20)[-1].fields["jobs"]}
+            listed = _list_jobs(c)
             for job, ref in done.items():
                 j = listed.get(job)
                 if j is None or j["state"] != "done":
