@@ -134,8 +134,9 @@ class JobStore:
         """The clear refusal for a store that cannot be written."""
         what = {errno.ENOSPC: "full", errno.EDQUOT: "full (quota)", errno.EROFS: "read-only",
                 errno.EACCES: "not writable", errno.EPERM: "not writable"}.get(exc.errno or 0, "unusable")
-        return StepstoneError(f"the job store at {self.root} is {what}: {exc.strerror or exc}; free some space or "
-                              "start the backend with --store pointing at a writable folder",
+        fix = "free some space" if what.startswith("full") else "make it writable"
+        return StepstoneError(f"the job store at {self.root} is {what}: {exc.strerror or exc}; {fix}, or start the "
+                              "backend with --store pointing at a writable folder",
                               code="store_unavailable")
 
     def dir(self, job_id: str) -> Path:
