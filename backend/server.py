@@ -230,7 +230,14 @@ class Server:
                     sess.enqueue(arrays)
                 continue
             if kind == "@admit":  # a submit's verdict from the intake thread (see _validate)
-                self._admit(**fields)
+                try:
+                    self._admit(**fields)
+                except Exception:
+                    log.error("internal error while queueing a job (ref %s):\n%s", fields.get("ref"),
+                              traceback.format_exc())
+                    self._post(fields["client"], _Out(P.REJECTED, {
+                        "ref": fields["ref"], "workflow": fields["req"].workflow, "code": "internal",
+                        "message": "internal error while queueing the job; see the backend log"}, None))
                 continue
             key = None
             if kind == P.MESH:
@@ -500,9 +507,17 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
+        failures = 0
         try:
             while not self._stop.is_set():
-                self._tick(poller)
+                try:
+                    self._tick(poller)
+                    failures = 0
+                except Exception:  # a bug in the loop's own bookkeeping: log it and go on serving
+                    failures += 1
+                    log.error("internal error in the server loop:\n%s", traceback.format_exc())
+                    if failures >= 100:
+                        self.stop("the server loop failed 100 times in a row; see the log")
         finally:
             self._shutdown(poller)
 
