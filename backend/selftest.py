@@ -150,15 +150,18 @@ class BackendProcess:
 
 def collect(clients: Client | list[Client], until: Callable[[P.Message], bool], timeout_s: float = 60.0,
             ) -> list[P.Message]:
-    """Poll ``clients`` until a message satisfies ``until`` (included) or ``timeout_s`` passes (TimeoutError)."""
+    """Poll ``clients`` until a message satisfies ``until`` (included) or ``timeout_s`` passes (TimeoutError).
+    Messages that arrived after it in the same poll are left for the next poll."""
     cs = clients if isinstance(clients, list) else [clients]
     got: list[P.Message] = []
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         for c in cs:
-            for m in c.poll(20 if len(cs) == 1 else 5, time_budget_s=0.05):
+            batch = c.poll(20 if len(cs) == 1 else 5, time_budget_s=0.05)
+            for i, m in enumerate(batch):
                 got.append(m)
                 if until(m):
+                    c.unread(batch[i + 1:])  # what came after it is for the next collect
                     return got
     raise TimeoutError(f"timed out after {timeout_s:.0f} s; got {[m.kind for m in got][-20:]}")
 

@@ -235,6 +235,10 @@ class Client:
         self._request(P.SHUTDOWN, {})
 
     # ----------------------------------------------------------------------------------------------- receiving
+    def unread(self, messages: list[P.Message]) -> None:
+        """Hand ``messages`` (from an earlier :meth:`poll`) out again, first, at the next poll."""
+        self._pending[:0] = list(messages)
+
     def poll(self, timeout_ms: int = 0, time_budget_s: float = 0.01) -> list[P.Message]:
         """Drain what is ready, at most ``time_budget_s`` of work; wait up to ``timeout_ms`` for the first message.
 
