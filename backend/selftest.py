@@ -290,6 +290,8 @@ def run_selftest(profile: Optional[str], device: str, steps: int, resolution: in
         t = time.perf_counter()
         client.shutdown()
         try:
+            # keep reading, as the add-on does: the backend waits for the client's answer to its `bye`
+            collect(client, lambda m: m.kind == "disconnected", 30)
             code = backend.wait(30)
         except subprocess.TimeoutExpired:
             code = None
