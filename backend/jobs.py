@@ -18,11 +18,12 @@ callback (kinds from :mod:`shared.protocol`), called from the worker thread or f
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
 import re
-import tempfile
+import shutil
 import threading
 import time
 import traceback
@@ -36,12 +37,15 @@ import numpy as np
 from backend.errors import Cancelled, InputError, ModelUnavailable, StepstoneError
 from backend.events import CancelToken, Image, JobContext, MeshInput, MeshUpdate, Progress
 from shared import protocol as P
+from shared.atomic import fsync_dir, write_atomic
 from shared.mesh import as_mesh_arrays
 
 log = logging.getLogger("stepstone.jobs")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+DAMAGED = "damaged"  # a job folder that cannot be read back (listed with what is wrong; never hidden)
+TERMINAL = frozenset({DONE, FAILED, CANCELLED, DAMAGED})
+STATES = frozenset({QUEUED, RUNNING, DONE, FAILED, CANCELLED})
 
 Emit = Callable[[str, str, dict, Optional[dict]], None]
 
@@ -71,12 +75,7 @@ def safe_name(name: str) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: fh.write(json.dumps(data, indent=1, default=str).encode("utf-8")))
 
 
 @dataclass
@@ -116,20 +115,42 @@ class Job:
 
 
 class JobStore:
-    """The on-disk side of jobs (see the module docstring)."""
+    """The on-disk side of jobs (see the module docstring). Folders are 0700 and files 0600 (prompts and meshes
+    are the artist's own); every file is written atomically (:func:`write_atomic`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise self.unwritable(exc) from None
+        try:
+            if self.root.stat().st_uid == os.getuid() and self.root.stat().st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+        except OSError:  # a read-only store: reported when a job must be written
+            pass
+
+    def unwritable(self, exc: OSError) -> StepstoneError:
+        """The clear refusal for a store that cannot be written."""
+        what = {errno.ENOSPC: "full", errno.EDQUOT: "full (quota)", errno.EROFS: "read-only",
+                errno.EACCES: "not writable", errno.EPERM: "not writable"}.get(exc.errno or 0, "unusable")
+        fix = "free some space" if what.startswith("full") else "make it writable"
+        return StepstoneError(f"the job store at {self.root} is {what}: {exc.strerror or exc}; {fix}, or start the "
+                              "backend with --store pointing at a writable folder",
+                              code="store_unavailable")
 
     def dir(self, job_id: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
-            raise InputError(f"malformed job id {job_id!r}")
+        if not isinstance(job_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
+            raise InputError(f"malformed job id {str(job_id)[:80]!r}")
         return self.root / job_id
+
+    def discard(self, job_id: str) -> None:
+        """Remove a job folder that could not be completed (best effort)."""
+        shutil.rmtree(self.dir(job_id), ignore_errors=True)
 
     def create(self, job: Job) -> None:
         d = self.dir(job.id)
-        d.mkdir(parents=True, exist_ok=False)
+        d.mkdir(parents=True, exist_ok=False, mode=0o700)
         request = {
             "job": job.id,
             "workflow": job.workflow,
@@ -151,7 +172,7 @@ class JobStore:
                 arrays[f"{i}_faces"] = m.faces
                 if m.colors is not None:
                     arrays[f"{i}_colors"] = m.colors
-            np.savez(d / "inputs.npz", **arrays)
+            write_atomic(d / "inputs.npz", lambda fh: np.savez(fh, **arrays))
         self.write_status(job)
         self.log(job.id, {"event": "state", "state": job.state})
 
@@ -161,39 +182,113 @@ class JobStore:
         _write_json_atomic(self.dir(job.id) / "status.json", status)
 
     def log(self, job_id: str, record: dict) -> None:
-        record = {"t": time.time(), **record}
-        with open(self.dir(job_id) / "events.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+        line = (json.dumps({"t": time.time(), **record}, default=str) + "\n").encode("utf-8")
+        fd = os.open(str(self.dir(job_id) / "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def write_mesh(self, job: Job, ev: MeshUpdate) -> dict:
         from backend.geometry.io import export_mesh
 
         fname = safe_name(ev.name) + ".glb"
-        export_mesh(self.dir(job.id) / fname, ev.vertices, ev.faces, ev.colors)
+        d = self.dir(job.id)
+        tmp = d / f".tmp-{uuid.uuid4().hex[:8]}.glb"
+        try:
+            export_mesh(tmp, ev.vertices, ev.faces, ev.colors)
+            os.chmod(tmp, 0o600)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, d / fname)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(d)
         return {"name": ev.name, "file": fname, "vertices": int(len(ev.vertices)), "faces": int(len(ev.faces)),
                 "info": _jsonable(ev.info)}
 
     def write_image(self, job: Job, index: int, im: Image) -> str:
         fname = f"image_{index:03d}_{safe_name(im.label)[:40]}.png"
-        (self.dir(job.id) / fname).write_bytes(im.png)
+        write_atomic(self.dir(job.id) / fname, lambda fh: fh.write(im.png))
         return fname
 
     def load_all(self) -> list[Job]:
+        """Every job folder of the store. One that cannot be read back comes as a job in state ``damaged`` whose
+        error says what is wrong (it is never skipped silently, and never stops the others from loading)."""
         jobs = []
-        for d in sorted(self.root.iterdir()):
-            st = d / "status.json"
-            if not st.is_file():
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError as exc:
+            log.error("cannot list the job store %s: %s", self.root, exc)
+            return []
+        for d in entries:
+            if d.name.startswith(".") or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", d.name) or not d.is_dir():
                 continue
             try:
-                s = json.loads(st.read_text(encoding="utf-8"))
-                job = Job(id=s["job"], workflow=s["workflow"], params=s.get("params") or {}, state=s["state"],
-                          created=s.get("created") or 0.0, started=s.get("started"), finished=s.get("finished"),
-                          error=s.get("error"), results=s.get("results") or [], backend_id=s.get("backend_id", ""))
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("skipping unreadable job folder %s: %s", d, exc)
-                continue
-            jobs.append(job)
+                jobs.append(self._load(d))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                what = str(exc) if isinstance(exc, _Damage) else f"{type(exc).__name__}: {exc}"
+                log.warning("damaged job folder %s: %s", d, what)
+                jobs.append(self._damaged(d, what))
         return jobs
+
+    def _load(self, d: Path) -> Job:
+        st = d / "status.json"
+        if not st.is_file():
+            raise _Damage("status.json is missing")
+        try:
+            s = json.loads(st.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise _Damage(f"status.json is not valid JSON ({exc}); the file is truncated or corrupt") from None
+        if not isinstance(s, dict):
+            raise _Damage("status.json does not hold an object")
+        problems = []
+        if s.get("job") != d.name:
+            problems.append(f"its job id {str(s.get('job'))[:40]!r} is not the folder's name")
+        if not isinstance(s.get("workflow"), str):
+            problems.append("'workflow' is not a name")
+        if s.get("state") not in STATES:
+            problems.append(f"'state' {str(s.get('state'))[:40]!r} is not a job state")
+        results = s.get("results") or []
+        if not isinstance(results, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("file"), str)
+                and safe_name(r["file"]) == r["file"] for r in results):
+            problems.append("'results' is not a list of {name, file} records")
+        for key in ("created", "started", "finished"):
+            if s.get(key) is not None and (isinstance(s[key], bool) or not isinstance(s[key], (int, float))):
+                problems.append(f"'{key}' is not a time")
+        if s.get("error") is not None and not isinstance(s.get("error"), dict):
+            problems.append("'error' is not an object")
+        if s.get("params") is not None and not isinstance(s.get("params"), dict):
+            problems.append("'params' is not an object")
+        if problems:
+            raise _Damage("status.json: " + "; ".join(problems))
+        ref = s.get("ref")
+        if not isinstance(ref, str):
+            ref = self._request_field(d, "ref")
+        return Job(id=d.name, workflow=s["workflow"], params=s.get("params") or {}, state=s["state"],
+                   created=s.get("created") or 0.0, started=s.get("started"), finished=s.get("finished"),
+                   error=s.get("error"), results=results, backend_id=str(s.get("backend_id") or ""),
+                   ref=ref if isinstance(ref, str) else "", owner=self._request_field(d, "owner"))
+
+    @staticmethod
+    def _request_field(d: Path, key: str) -> Any:
+        try:
+            v = json.loads((d / "request.json").read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return v if isinstance(v, str) else None
+
+    def _damaged(self, d: Path, what: str) -> Job:
+        workflow = self._request_field(d, "workflow") or "?"
+        try:
+            created = d.stat().st_mtime
+        except OSError:
+            created = 0.0
+        return Job(id=d.name, workflow=workflow, params={}, state=DAMAGED, created=created, finished=created,
+                   ref=self._request_field(d, "ref") or "", owner=self._request_field(d, "owner"),
+                   error={"code": "damaged", "message": f"job folder {d} is damaged: {what}"})
 
     def load_result(self, job: Job) -> list[tuple[dict, MeshInput]]:
         from backend.geometry.io import load_mesh
@@ -203,6 +298,13 @@ class JobStore:
             path = self.dir(job.id) / r["file"]
             out.append((r, load_mesh(path, name=r["name"])))
         return out
+
+
+_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class _Damage(ValueError):
+    """What is wrong with a job folder."""
 
 
 def _jsonable(info: dict) -> dict:
@@ -238,6 +340,7 @@ class JobManager:
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._shutdown_reason = ""
         self._current: Optional[Job] = None
         self._reload()
         self._worker = threading.Thread(target=self._work, name="stepstone-gpu-worker", daemon=True)
@@ -246,6 +349,9 @@ class JobManager:
     # ------------------------------------------------------------------------------------------------ store
     def _reload(self) -> None:
         for job in self.store.load_all():
+            if job.state == DAMAGED:
+                self.jobs[job.id] = job
+                continue
             if job.state not in TERMINAL:
                 old = job.backend_id or "unknown"
                 job.state = FAILED
@@ -254,8 +360,12 @@ class JobManager:
                     "code": "backend_restarted",
                     "message": f"the backend (run {old}) stopped before this job finished; submit it again",
                 }
-                self.store.write_status(job)
-                self.store.log(job.id, {"event": "state", "state": FAILED, "error": job.error})
+                try:
+                    self.store.write_status(job)
+                    self.store.log(job.id, {"event": "state", "state": FAILED, "error": job.error})
+                except OSError as exc:  # a read-only or full store: the job is failed here all the same
+                    log.warning("job %s of a previous run is failed, but the store cannot record it: %s",
+                                job.id, self.store.unwritable(exc).message)
                 log.info("job %s of a previous run marked failed", job.id)
             self.jobs[job.id] = job
         if self.jobs:
@@ -263,9 +373,17 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------------ API
     def validate(self, workflow: str, params: dict, inputs: list[MeshInput]) -> dict:
-        """Import the workflow, check the profile can run it, and return its normalised params (or raise)."""
+        """Import the workflow, check the profile can run it, and return its normalised params (or raise).
+
+        May import torch and the workflow's modules: the server calls it off its socket thread. Parameters go
+        through :func:`backend.intake.parse_params` first; a workflow's ``validate`` that still fails with
+        something other than a StepstoneError is turned into an InputError (and logged: it is a bug there)."""
+        from backend.intake import check_resources, parse_params
         from backend.pipelines import get_workflow
 
+        if not isinstance(workflow, str):
+            raise InputError("submit needs a 'workflow' name")
+        params = parse_params(workflow, params)
         try:
             wf = get_workflow(workflow)
         except ImportError as exc:
@@ -277,21 +395,36 @@ class JobManager:
                     f"workflow {workflow!r} cannot run with profile {getattr(self.profile, 'name', '?')!r}: "
                     f"{caps.get('reason', '')}"
                 )
-        if not isinstance(params, dict):
-            raise InputError("params must be a JSON object")
-        return wf.validate(dict(params), inputs, profile=self.profile)
+        try:
+            out = wf.validate(dict(params), inputs, profile=self.profile)
+        except StepstoneError:
+            raise
+        except Exception as exc:
+            log.warning("%s: validate failed on its parameters:\n%s", workflow, traceback.format_exc())
+            raise InputError(f"{workflow}: invalid parameters ({type(exc).__name__}: {str(exc)[:200]})") from None
+        check_resources(workflow, out, self.device)
+        return out
 
     def submit(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
                ref: str = "") -> Job:
         """Validate and queue a job (raises StepstoneError when it cannot run). Its folder exists on return."""
-        params = self.validate(workflow, params, inputs)
+        return self.enqueue(workflow, self.validate(workflow, params, inputs), inputs, owner=owner, ref=ref)
+
+    def enqueue(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
+                ref: str = "") -> Job:
+        """Queue a job whose params :meth:`validate` has normalised. Raises StepstoneError when the backend is
+        stopping or the job store cannot take it (full, read-only): a clear refusal, nothing half-made."""
         with self._cv:
             if self._stopping:
                 raise StepstoneError("the backend is shutting down; submit again after it restarts",
                                      code="shutting_down")
             job = Job(id=new_job_id(), workflow=workflow, params=params, inputs=list(inputs), owner=owner, ref=ref,
                       backend_id=self.backend_id)
-            self.store.create(job)
+            try:
+                self.store.create(job)
+            except OSError as exc:
+                self.store.discard(job.id)
+                raise self.store.unwritable(exc) from None
             self.jobs[job.id] = job
             self._queue.append(job)
             self._cv.notify_all()
@@ -334,7 +467,10 @@ class JobManager:
 
     def shutdown(self, reason: str = "the backend was shut down before this job finished",
                  timeout_s: float = 10.0) -> None:
-        """Stop accepting work, fail queued jobs, stop the running one and join the worker."""
+        """Stop accepting work, fail queued jobs, stop the running one and wait for it (``timeout_s``).
+
+        A running job ends at its next cancellation check. If it has not within ``timeout_s``, it is failed now
+        (its terminal event is decided and emitted); :meth:`join_worker` then waits for the thread itself."""
         with self._cv:
             self._stopping = True
             while self._queue:
@@ -343,13 +479,40 @@ class JobManager:
             if self._current is not None:
                 self._current.cancel.cancel(reason)
             self._cv.notify_all()
-        self._worker.join(timeout_s)
-        if self._worker.is_alive():
-            log.warning("the running job did not stop within %.0f s", timeout_s)
+        self._shutdown_reason = reason
+        if timeout_s > 0:
+            self._worker.join(timeout_s)
+            self.fail_running()
+
+    def fail_running(self) -> None:
+        """After :meth:`shutdown`: a job still running (it has not reached a cancellation check yet) is failed now,
+        so its terminal event goes out before the sockets close; the worker thread finishes it silently later."""
+        if not self._worker.is_alive():
+            return
+        with self._cv:
             cur = self._current
-            if cur is not None:
-                with self._cv:
-                    self._finish(cur, FAILED, error={"code": "backend_shutdown", "message": reason})
+            if cur is not None and cur.state not in TERMINAL:
+                log.warning("job %s did not stop in time; failing it now", cur.id)
+                self._finish(cur, FAILED, error={"code": "backend_shutdown", "message": self._shutdown_reason})
+
+    def worker_alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def join_worker(self, give_up: Optional[threading.Event] = None, report_every_s: float = 10.0) -> bool:
+        """Wait for the worker thread to end (after :meth:`shutdown`), however long the running pipeline takes to
+        reach its next cancellation check, unless ``give_up`` is set. Returns whether the thread ended."""
+        waited = 0.0
+        while self._worker.is_alive():
+            if give_up is not None and give_up.is_set():
+                return False
+            self._worker.join(0.1)
+            waited += 0.1
+            if waited >= report_every_s:
+                waited = 0.0
+                cur = self._current
+                log.warning("still waiting for job %s to reach its next cancellation check",
+                            cur.id if cur is not None else "?")
+        return True
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         end = time.monotonic() + timeout_s
@@ -386,6 +549,7 @@ class JobManager:
         return True
 
     def _work(self) -> None:
+        """The worker loop: a job may fail, the worker never dies (nothing below may end this loop but a stop)."""
         while True:
             with self._cv:
                 while not self._queue and not self._stopping:
@@ -396,13 +560,30 @@ class JobManager:
                 self._current = job
                 job.state = RUNNING
                 job.started = time.time()
-                self.store.write_status(job)
-                self.store.log(job.id, {"event": "state", "state": RUNNING})
             try:
+                try:
+                    self.store.write_status(job)
+                    self.store.log(job.id, {"event": "state", "state": RUNNING})
+                except OSError as exc:
+                    with self._cv:
+                        self._finish(job, FAILED, error=self._store_error(exc))
+                    continue
                 self._run(job)
+            except Exception as exc:  # a bug in the bookkeeping itself: fail the job, keep the worker
+                log.error("worker: job %s:\n%s", job.id, traceback.format_exc())
+                try:
+                    with self._cv:
+                        self._finish(job, FAILED, error={"code": "internal", "message": f"internal error "
+                                                         f"({type(exc).__name__}: {exc}); see the backend log"})
+                except Exception:
+                    log.exception("worker: could not even fail job %s", job.id)
             finally:
                 with self._cv:
                     self._current = None
+
+    def _store_error(self, exc: OSError) -> dict:
+        err = self.store.unwritable(exc)
+        return {"code": err.code, "message": err.message}
 
     def _run(self, job: Job) -> None:
         from backend.pipelines import get_workflow
@@ -454,6 +635,16 @@ class JobManager:
         except StepstoneError as exc:
             with self._cv:
                 self._finish(job, FAILED, error={"code": exc.code, "message": exc.message})
+            return
+        except OSError as exc:
+            if exc.errno in _STORE_ERRNOS or str(exc.filename or "").startswith(str(self.store.root)):
+                with self._cv:
+                    self._finish(job, FAILED, error=self._store_error(exc))
+                return
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            with self._cv:
+                self._finish(job, FAILED, error={"code": "internal", "message": f"internal error ({exc}); "
+                                                                                "see the backend log"})
             return
         except Exception as exc:  # a bug: the artist gets a message, the log gets the traceback
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())

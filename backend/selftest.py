@@ -42,7 +42,8 @@ class BackendProcess:
     """``python -m backend serve`` in a subprocess, with its own connection file, store and log file."""
 
     def __init__(self, workdir: Path, *, profile: str = "tiny", device: str = "cpu", port: int = 0,
-                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None, warm_up: bool = False) -> None:
+                 heartbeat_s: float = 1.0, extra_args: Optional[list[str]] = None, warm_up: bool = False,
+                 wrap: Optional[list[str]] = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.connection_file = self.workdir / "backend.json"
@@ -51,11 +52,12 @@ class BackendProcess:
         self.profile, self.device, self.port, self.heartbeat_s = profile, device, port, heartbeat_s
         self.extra_args = list(extra_args or [])
         self.warm_up = warm_up  # off by default: tests and the selftest only run the diagnostic workflow
+        self.wrap = list(wrap or [])  # a command prefix that execs the backend (e.g. unshare to mount a store)
         self.proc: Optional[subprocess.Popen] = None
         self._log = None
 
     def start(self, timeout_s: float = 120.0) -> "BackendProcess":
-        cmd = [sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
+        cmd = [*self.wrap, sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
                "--store", str(self.store), "--device", self.device, "--port", str(self.port),
                "--heartbeat", str(self.heartbeat_s), *self.extra_args]
         if not self.warm_up:
@@ -148,15 +150,18 @@ class BackendProcess:
 
 def collect(clients: Client | list[Client], until: Callable[[P.Message], bool], timeout_s: float = 60.0,
             ) -> list[P.Message]:
-    """Poll ``clients`` until a message satisfies ``until`` (included) or ``timeout_s`` passes (TimeoutError)."""
+    """Poll ``clients`` until a message satisfies ``until`` (included) or ``timeout_s`` passes (TimeoutError).
+    Messages that arrived after it in the same poll are left for the next poll."""
     cs = clients if isinstance(clients, list) else [clients]
     got: list[P.Message] = []
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         for c in cs:
-            for m in c.poll(20 if len(cs) == 1 else 5, time_budget_s=0.05):
+            batch = c.poll(20 if len(cs) == 1 else 5, time_budget_s=0.05)
+            for i, m in enumerate(batch):
                 got.append(m)
                 if until(m):
+                    c.unread(batch[i + 1:])  # what came after it is for the next collect
                     return got
     raise TimeoutError(f"timed out after {timeout_s:.0f} s; got {[m.kind for m in got][-20:]}")
 
@@ -285,6 +290,8 @@ def run_selftest(profile: Optional[str], device: str, steps: int, resolution: in
         t = time.perf_counter()
         client.shutdown()
         try:
+            # keep reading, as the add-on does: the backend waits for the client's answer to its `bye`
+            collect(client, lambda m: m.kind == "disconnected", 30)
             code = backend.wait(30)
         except subprocess.TimeoutExpired:
             code = None

@@ -26,28 +26,30 @@ import signal
 import socket as pysocket
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import zmq
 
 from backend.errors import InputError, StepstoneError
-from backend.events import MeshInput
+from backend.intake import Credit, Hello, JobRequest, Submit, parse_request
 from backend.jobs import DONE, TERMINAL, JobManager, JobStore, default_store_dir
 from shared import protocol as P
 from shared.client import DEFAULT_CREDIT, FLOW_KINDS
 from shared.connection import default_connection_file, remove_connection_file, write_connection_file
-from shared.mesh import MeshError, validate_mesh
 
 log = logging.getLogger("stepstone.server")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_CREDIT = 1024 * 1024 * 1024
 MIN_CREDIT = 64 * 1024
+JOB_STOP_GRACE_S = 10.0  # at shutdown, how long the running job may take to reach its next cancellation check
+GOODBYE_GRACE_S = 5.0  # at shutdown, how long to wait for clients to read the last events and answer `bye`
 
 
 @dataclass
@@ -117,9 +119,11 @@ class Server:
         self.backend_id = uuid.uuid4().hex[:12]
         self.key = P.new_key()
         self._stop = threading.Event()
+        self._force = threading.Event()  # a second signal: stop waiting for clients and the running job
         self.stop_reason = ""
         self._events: "queue.Queue[tuple]" = queue.Queue()
         self._local = threading.local()
+        self._ref = ""  # id of the message being handled (for the error answer if a handler fails)
         self._sessions: dict[str, Session] = {}  # client id -> session
         self._by_routing: dict[bytes, Session] = {}
         self._watchers: dict[str, set[str]] = {}  # job id -> client ids that receive its events
@@ -133,8 +137,10 @@ class Server:
         self.device = "cpu"
         self.manager: Optional[JobManager] = None
         self.router: Optional[zmq.Socket] = None
+        self._capabilities: dict = {}
         self.decoder = P.Decoder(self.key, max_bytes=config.max_bytes, kinds=P.CLIENT_KINDS)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-store-reader")
+        self._intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepstone-intake")
 
     # ------------------------------------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -154,6 +160,7 @@ class Server:
         # "cpu" needs no torch import here (seconds on a busy machine); "auto"/"cuda" ask torch
         self.device = "cpu" if cfg.device == "cpu" else resolve_device(cfg.device)
         self.profile = load_profile(cfg.profile, device=self.device)
+        self._capabilities = self.profile.capabilities()  # computed once, here, not on every hello
         store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
         self.manager = JobManager(store, profile=self.profile, device=self.device, backend_id=self.backend_id,
                                   emit=self._emit, seed=cfg.seed)
@@ -178,7 +185,11 @@ class Server:
         endpoint = r.getsockopt(zmq.LAST_ENDPOINT).decode()
         port = int(endpoint.rsplit(":", 1)[1])
         adv = cfg.advertise or (pysocket.gethostname() if cfg.host in ("0.0.0.0", "::", "*") else cfg.host)
-        self.address = f"tcp://{adv}:{port}" if remote else f"tcp://127.0.0.1:{port}"
+        if not remote:
+            adv = "[::1]" if cfg.host == "::1" else "127.0.0.1"  # the address actually bound
+        elif ":" in adv and not adv.startswith("["):
+            adv = f"[{adv}]"
+        self.address = f"tcp://{adv}:{port}"
         self.router = r
         self.connection_file = write_connection_file(
             cfg.connection_file or default_connection_file(),
@@ -217,6 +228,16 @@ class Server:
                 sess = self._sessions.get(fields["client"])
                 if sess is not None:
                     sess.enqueue(arrays)
+                continue
+            if kind == "@admit":  # a submit's verdict from the intake thread (see _validate)
+                try:
+                    self._admit(**fields)
+                except Exception:
+                    log.error("internal error while queueing a job (ref %s):\n%s", fields.get("ref"),
+                              traceback.format_exc())
+                    self._post(fields["client"], _Out(P.REJECTED, {
+                        "ref": fields["ref"], "workflow": fields["req"].workflow, "code": "internal",
+                        "message": "internal error while queueing the job; see the backend log"}, None))
                 continue
             key = None
             if kind == P.MESH:
@@ -280,16 +301,49 @@ class Server:
             self._by_routing.pop(sess.routing, None)
 
     # ------------------------------------------------------------------------------------------------ receiving
+    def _handle_safely(self, frames: list) -> None:
+        """:meth:`_handle`, and whatever escapes it is logged with its traceback and answered with an ``error``
+        carrying the request's ``ref``: a message never takes the server down."""
+        self._ref = ""
+        try:
+            self._handle(frames)
+        except Exception as exc:
+            log.error("internal error while handling a message (ref %s):\n%s", self._ref or "?",
+                      traceback.format_exc())
+            fields = {"code": "internal", "message": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); "
+                                                     "the backend goes on serving; its log has the details"}
+            if self._ref:
+                fields["ref"] = self._ref
+            try:
+                self._send_direct(frames[0].bytes, P.ERROR, fields)
+            except Exception:  # pragma: no cover - the socket itself failed; the log has the first error
+                log.exception("could not answer the failed message")
+
     def _handle(self, frames: list) -> None:
         routing = frames[0].bytes
         try:
             msg = self.decoder.decode(frames[1:])
         except P.ProtocolError as exc:
             log.warning("refused a message: %s", exc)
-            self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message})
+            fields = {"code": exc.code, "message": exc.message}
+            if exc.ref:
+                fields["ref"] = exc.ref
+            self._send_direct(routing, P.ERROR, fields)
             return
-        if msg.kind == P.HELLO:
-            self._hello(routing, msg)
+        self._ref = msg.id
+        try:
+            req = parse_request(msg)
+        except StepstoneError as exc:
+            code = "bad_hello" if msg.kind == P.HELLO else exc.code
+            if msg.kind == P.SUBMIT and self._by_routing.get(routing) is not None:
+                sess = self._by_routing[routing]
+                sess.enqueue(_Out(P.REJECTED, {"ref": msg.id, "workflow": str(msg.fields.get("workflow"))[:64],
+                                               "code": exc.code, "message": exc.message}, None))
+                return
+            self._send_direct(routing, P.ERROR, {"code": code, "message": exc.message, "ref": msg.id})
+            return
+        if isinstance(req, Hello):
+            self._hello(routing, req)
             return
         sess = self._by_routing.get(routing)
         if sess is None:
@@ -300,21 +354,20 @@ class Server:
         try:
             if k == P.HEARTBEAT:
                 pass
-            elif k == P.CREDIT:
-                n = msg.fields.get("bytes", 0)
-                if isinstance(n, int) and n > 0:
-                    sess.in_flight = max(0, sess.in_flight - n)
+            elif isinstance(req, Credit):
+                if req.nbytes > 0:
+                    sess.in_flight = max(0, sess.in_flight - req.nbytes)
             elif k == P.PING:
                 self._send_direct(routing, P.PONG, {"ref": msg.id, "backend_id": self.backend_id})
-            elif k == P.SUBMIT:
-                self._submit(sess, msg)
-            elif k == P.CANCEL:
-                self._cancel(sess, msg)
+            elif isinstance(req, Submit):
+                self._submit(sess, req, msg.id)
+            elif k == P.CANCEL and isinstance(req, JobRequest):
+                self._cancel(sess, req.job, msg.id)
             elif k == P.LIST_JOBS:
                 assert self.manager is not None
                 sess.enqueue(_Out(P.JOBS, {"ref": msg.id, "jobs": self.manager.list()}, None))
-            elif k == P.FETCH:
-                self._fetch(sess, msg)
+            elif k == P.FETCH and isinstance(req, JobRequest):
+                self._fetch(sess, req.job, msg.id)
             elif k == P.SHUTDOWN:
                 log.info("shutdown requested by client %s (%s)", sess.client[:8], sess.name)
                 self.stop("shutdown requested by a client")
@@ -323,115 +376,99 @@ class Server:
         except StepstoneError as exc:
             self._send_direct(routing, P.ERROR, {"code": exc.code, "message": exc.message, "ref": msg.id})
 
-    def _hello(self, routing: bytes, msg: P.Message) -> None:
-        client = msg.fields.get("client")
-        if not isinstance(client, str) or not client or len(client) > 128:
-            self._send_direct(routing, P.ERROR, {"code": "bad_hello", "message": "hello needs a client id"})
-            return
-        credit = msg.fields.get("credit", DEFAULT_CREDIT)
-        credit = int(min(max(credit if isinstance(credit, int) else DEFAULT_CREDIT, MIN_CREDIT), MAX_CREDIT))
+    def _hello(self, routing: bytes, req: Hello) -> None:
+        client = req.client
+        credit = int(min(max(req.credit if req.credit is not None else DEFAULT_CREDIT, MIN_CREDIT), MAX_CREDIT))
         sess = self._sessions.get(client)
         if sess is None:
             sess = Session(client=client, routing=routing)
             self._sessions[client] = sess
-            log.info("session %s (%s) opened", client[:8], msg.fields.get("name", "client"))
+            log.info("session %s (%s) opened", client[:8], req.name)
         elif sess.routing != routing:
             self._by_routing.pop(sess.routing, None)
         sess.routing = routing
-        sess.name = str(msg.fields.get("name", "client"))[:64]
+        sess.name = req.name
         sess.credit = credit
         sess.in_flight = 0  # a new connection: whatever was in flight on the old one is gone
         sess.last_heard = time.monotonic()
         self._by_routing[routing] = sess
-        caps = self.profile.capabilities() if self.profile is not None else {}
         self._send_direct(routing, P.WELCOME, {
             "protocol": P.PROTOCOL_VERSION,
             "backend_id": self.backend_id,
             "profile": getattr(self.profile, "name", None),
             "device": self.device,
-            "capabilities": caps,
+            "capabilities": self._capabilities,
             "heartbeat_s": self.config.heartbeat_s,
             "pid": os.getpid(),
         })
         sess.last_sent = time.monotonic()
 
-    def _inputs(self, msg: P.Message) -> list[MeshInput]:
-        descs = msg.fields.get("meshes") or []
-        if not isinstance(descs, list):
-            raise InputError("'meshes' must be a list")
-        inputs = []
-        for i, d in enumerate(descs):
-            if not isinstance(d, dict):
-                raise InputError(f"mesh {i}: description must be an object")
-            name = str(d.get("name") or f"mesh{i}")
-            v = msg.arrays.get(f"mesh{i}.vertices")
-            f = msg.arrays.get(f"mesh{i}.faces")
-            c = msg.arrays.get(f"mesh{i}.colors")
-            if v is None or f is None:
-                raise InputError(f"mesh {name!r}: vertices or faces missing from the message")
-            try:
-                validate_mesh(v, f, c, what=f"mesh {name!r}")
-            except MeshError as exc:
-                raise InputError(str(exc)) from None
-            mw = d.get("matrix_world")
-            if mw is not None:
-                try:
-                    mw = np.asarray(mw, dtype=np.float64).reshape(4, 4)
-                except (TypeError, ValueError):
-                    raise InputError(f"mesh {name!r}: matrix_world must be 16 numbers (row-major 4x4)") from None
-                if not np.isfinite(mw).all():
-                    raise InputError(f"mesh {name!r}: matrix_world has NaN or infinite entries")
-            # copy out of the ZeroMQ frame: the job outlives the message
-            inputs.append(MeshInput(name=name, vertices=np.array(v, np.float32), faces=np.array(f, np.uint32),
-                                    colors=None if c is None else np.array(c, np.uint8), matrix_world=mw))
-        return inputs
-
-    def _submit(self, sess: Session, msg: P.Message) -> None:
-        assert self.manager is not None
-        workflow = msg.fields.get("workflow")
-        params = msg.fields.get("params") or {}
+    def _submit(self, sess: Session, req: Submit, ref: str) -> None:
+        """Validation may import torch and a workflow's modules (seconds): it runs on the intake thread, never
+        here, so heartbeats keep flowing; the verdict comes back through the event queue (:meth:`_admit`)."""
+        client = sess.client
         try:
-            if not isinstance(workflow, str):
-                raise InputError("submit needs a 'workflow' name")
-            inputs = self._inputs(msg)
-            job = self.manager.submit(workflow, params, inputs, owner=sess.client, ref=msg.id)
+            self._intake.submit(self._validate, client, req, ref)
+        except RuntimeError:  # the intake is shut down: the backend is stopping
+            sess.enqueue(_Out(P.REJECTED, {"ref": ref, "workflow": req.workflow, "code": "shutting_down",
+                                           "message": "the backend is shutting down; submit again after it "
+                                                      "restarts"}, None))
+
+    def _validate(self, client: str, req: Submit, ref: str) -> None:
+        """(intake thread) Parse and validate the job's parameters, then hand the verdict to the loop."""
+        assert self.manager is not None
+        try:
+            params: Any = self.manager.validate(req.workflow, req.params, req.inputs)
         except StepstoneError as exc:
-            log.info("rejected %s from %s: %s", workflow, sess.client[:8], exc.message)
-            sess.enqueue(_Out(P.REJECTED, {"ref": msg.id, "workflow": workflow, "code": exc.code,
-                                           "message": exc.message}, None))
+            params = exc
+        except Exception as exc:  # a bug in validation: the client still gets an answer
+            log.error("validating %s failed:\n%s", req.workflow, traceback.format_exc())
+            params = StepstoneError(f"internal error while checking the request ({type(exc).__name__}); "
+                                    "see the backend log", code="internal")
+        self._emit(None, "@admit", {"client": client, "req": req, "ref": ref, "params": params}, None)  # type: ignore[arg-type]
+
+    def _admit(self, client: str, req: Submit, ref: str, params: Any) -> None:
+        """(loop) Queue a validated job and tell its owner, or tell why not."""
+        assert self.manager is not None
+        sess = self._sessions.get(client)
+        try:
+            if isinstance(params, StepstoneError):
+                raise params
+            job = self.manager.enqueue(req.workflow, params, req.inputs, owner=client, ref=ref)
+        except StepstoneError as exc:
+            log.info("rejected %s from %s: %s", req.workflow, client[:8], exc.message)
+            if sess is not None:
+                sess.enqueue(_Out(P.REJECTED, {"ref": ref, "workflow": req.workflow, "code": exc.code,
+                                               "message": exc.message}, None))
             return
         # subscribe before the worker can emit anything about it: accepted is queued first
-        self._watchers.setdefault(job.id, set()).add(sess.client)
-        sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": msg.id, "workflow": workflow,
-                                       "position": self.manager.position(job)}, None))
-        self._fan_out()  # events the worker may already have queued come after `accepted`
+        self._watchers.setdefault(job.id, set()).add(client)
+        if sess is not None:
+            sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": ref, "workflow": req.workflow,
+                                           "position": self.manager.position(job)}, None))
 
-    def _cancel(self, sess: Session, msg: P.Message) -> None:
+    def _cancel(self, sess: Session, job_id: str, ref: str) -> None:
         assert self.manager is not None
-        job_id = msg.fields.get("job")
-        if not isinstance(job_id, str):
-            raise InputError("cancel needs a 'job' id")
         outcome = self.manager.cancel(job_id)
         if outcome == "finished":
             # it had already ended: nothing to cancel, and no second terminal event
             state = self.manager.jobs[job_id].state
-            self._send_direct(sess.routing, P.ERROR, {"code": "already_finished", "ref": msg.id, "job": job_id,
+            self._send_direct(sess.routing, P.ERROR, {"code": "already_finished", "ref": ref, "job": job_id,
                                                       "message": f"job {job_id} had already ended ({state})"})
 
-    def _fetch(self, sess: Session, msg: P.Message) -> None:
+    def _fetch(self, sess: Session, job_id: str, ref: str) -> None:
         assert self.manager is not None
-        job_id = msg.fields.get("job")
-        job = self.manager.get(job_id) if isinstance(job_id, str) else None
+        job = self.manager.get(job_id)
         if job is None:
-            raise InputError(f"no job with id {job_id!r} in this backend's store")
-        sess.enqueue(_Out(P.RESULT, {"ref": msg.id, "job": job.id, "summary": job.summary()}, None))
+            raise InputError(f"no job with id {job_id[:80]!r} in this backend's store")
+        sess.enqueue(_Out(P.RESULT, {"ref": ref, "job": job.id, "summary": job.summary()}, None))
         if job.state not in TERMINAL:
             self._watchers.setdefault(job.id, set()).add(sess.client)
             return
         if job.state != DONE:
             return
         # reading GLB files takes a while for big meshes: do it off the I/O thread, then queue the meshes
-        self._loader.submit(self._load_result, sess.client, job, msg.id)
+        self._loader.submit(self._load_result, sess.client, job, ref)
 
     def _load_result(self, client: str, job: Any, ref: str) -> None:
         """(loader thread) Read a finished job's GLB files and hand them to the loop for ``client``."""
@@ -460,61 +497,125 @@ class Server:
             self.stop_reason = reason
         self._stop.set()
 
+    def force_stop(self) -> None:
+        """A second signal: stop waiting for slow clients and for a job that never reaches a cancellation check."""
+        self._force.set()
+
     def run(self) -> None:
         assert self.router is not None and self.manager is not None
         self._main_thread = threading.get_ident()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
-        hb = self.config.heartbeat_s
-        tick = max(10, int(hb * 1000 / 4))
+        failures = 0
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(tick))
-                if self._wake_pull in ready:
-                    while True:
-                        try:
-                            self._wake_pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                if self.router in ready:
-                    for _ in range(200):  # bounded so outgoing traffic is not starved
-                        try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if len(frames) < 2:
-                            continue
-                        self._handle(frames)
-                self._fan_out()
-                now = time.monotonic()
-                for sess in list(self._sessions.values()):
-                    if now - sess.last_heard > self.config.session_timeout_s:
-                        self._drop_session(sess, f"silent for {now - sess.last_heard:.0f} s")
-                        continue
-                    self._flush(sess)
-                    if now - sess.last_sent >= hb and sess.client in self._sessions:
-                        if self._send_direct(sess.routing, P.HEARTBEAT, {}):
-                            sess.last_sent = now
+                try:
+                    self._tick(poller)
+                    failures = 0
+                except Exception:  # a bug in the loop's own bookkeeping: log it and go on serving
+                    failures += 1
+                    log.error("internal error in the server loop:\n%s", traceback.format_exc())
+                    if failures >= 100:
+                        self.stop("the server loop failed 100 times in a row; see the log")
         finally:
-            self._shutdown()
+            self._shutdown(poller)
 
-    def _shutdown(self) -> None:
+    def _incoming(self, limit: int) -> Iterator[list]:
+        """The frames of up to ``limit`` messages ready on the router (envelopes without a body skipped)."""
+        assert self.router is not None
+        for _ in range(limit):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) >= 2:
+                yield frames
+
+    def _tick(self, poller: zmq.Poller) -> None:
+        """One turn of the loop: read (bounded), fan events out, flush outboxes, heartbeats, forget silent clients."""
+        assert self.router is not None
+        hb = self.config.heartbeat_s
+        ready = dict(poller.poll(max(10, int(hb * 1000 / 4))))
+        if self._wake_pull in ready:
+            while True:
+                try:
+                    self._wake_pull.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        if self.router in ready:
+            for frames in self._incoming(200):  # bounded so outgoing traffic is not starved
+                self._handle_safely(frames)
+        self._fan_out()
+        now = time.monotonic()
+        for sess in list(self._sessions.values()):
+            if now - sess.last_heard > self.config.session_timeout_s:
+                self._drop_session(sess, f"silent for {now - sess.last_heard:.0f} s")
+                continue
+            self._flush(sess)
+            if now - sess.last_sent >= hb and sess.client in self._sessions:
+                if self._send_direct(sess.routing, P.HEARTBEAT, {}):
+                    sess.last_sent = now
+
+    def _shutdown(self, poller: zmq.Poller) -> None:
+        """Stop in an order that loses nothing (issue 17, item 6):
+
+        1. the manager stops accepting work, fails the queued jobs and cancels the running one, which ends at its
+           next cancellation check while the loop keeps serving (heartbeats, events); if it has not within
+           ``JOB_STOP_GRACE_S`` it is failed anyway: that outcome is decided and reported now;
+        2. every terminal event decided so far, then ``bye``, goes to every session, and the loop keeps reading
+           until each client has answered ``bye`` (or ``GOODBYE_GRACE_S`` passes). A client's DEALER discards
+           what it received but had not yet read when the connection drops, so closing the socket right after
+           sending lost the ``failed`` event whenever the client was slower than the close (under load);
+        3. the worker thread is joined before the sockets close and the interpreter exits: a thread still inside
+           torch at interpreter exit aborts the process (``terminate called without an active exception``).
+        """
         log.info("backend %s stopping: %s", self.backend_id, self.stop_reason or "stopped")
         if self.manager is not None:
-            self.manager.shutdown()
+            self.manager.shutdown(timeout_s=0)  # queued jobs fail now; the running one is told to stop
+            # keep serving (heartbeats, events, refusals) while the running job reaches its cancellation check
+            end = time.monotonic() + JOB_STOP_GRACE_S
+            while self.manager.worker_alive() and time.monotonic() < end and not self._force.is_set():
+                self._tick(poller)
+            self.manager.fail_running()
+        self._intake.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)
-        # deliver the terminal events of jobs ended by the shutdown, best effort
-        self._fan_out()
-        for sess in list(self._sessions.values()):
-            self._flush(sess, ignore_credit=True)
-            if sess.client in self._sessions:
-                self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"})
+        self._say_goodbye()
+        if self.manager is not None and not self.manager.join_worker(self._force):
+            log.error("the running job never reached a cancellation check; exiting without waiting for it")
         if self.connection_file is not None:
             remove_connection_file(self.connection_file, self.backend_id)
-        # closing every socket with a linger, then terminating the context, flushes what is still queued
-        # (the terminal events and `bye` above) before the process exits; the worker thread has been joined.
         self._ctx.destroy(linger=1000)
+
+    def _say_goodbye(self) -> None:
+        """Deliver the queued events (terminal ones included) and ``bye``; wait for each client's ``bye``."""
+        assert self.router is not None
+        self._fan_out()
+        waiting: dict[bytes, Session] = {}
+        for sess in list(self._sessions.values()):
+            self._flush(sess, ignore_credit=True)
+            if not sess.outbox and sess.client in self._sessions:
+                if self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"}):
+                    waiting[sess.routing] = sess
+        end = time.monotonic() + GOODBYE_GRACE_S
+        while waiting and time.monotonic() < end and not self._force.is_set():
+            for sess in list(self._sessions.values()):  # what did not fit in the pipe at the first try
+                if sess.outbox:
+                    self._flush(sess, ignore_credit=True)
+                    if not sess.outbox and sess.routing not in waiting and sess.client in self._sessions:
+                        if self._send_direct(sess.routing, P.BYE, {"reason": self.stop_reason or "stopped"}):
+                            waiting[sess.routing] = sess
+            if not self.router.poll(20, zmq.POLLIN):
+                continue
+            for frames in self._incoming(1000):
+                try:
+                    msg = self.decoder.decode(frames[1:])
+                except P.ProtocolError:
+                    continue
+                if msg.kind == P.BYE:
+                    waiting.pop(frames[0].bytes, None)
+        if waiting:
+            log.info("%d client(s) did not answer bye within %.0f s", len(waiting), GOODBYE_GRACE_S)
 
 
 def _warm_up(all_workflows: bool = True) -> None:
@@ -571,6 +672,9 @@ def main(argv: list[str]) -> int:
         return 2
 
     def _on_signal(signum: int, _frame: Any) -> None:
+        if server._stop.is_set():
+            log.warning("second %s: not waiting any longer", signal.Signals(signum).name)
+            server.force_stop()
         server.stop(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGINT, _on_signal)
@@ -579,4 +683,9 @@ def main(argv: list[str]) -> int:
     print(f"connection file: {server.connection_file}", flush=True)
     server.run()
     print(f"Stepstone backend {server.backend_id} stopped ({server.stop_reason})", flush=True)
+    if server.manager is not None and server.manager.worker_alive():
+        # forced out while the worker is inside a pipeline: leave without running interpreter shutdown, which
+        # would abort in the C++ runtime under a thread still inside torch
+        logging.shutdown()
+        os._exit(1)
     return 0

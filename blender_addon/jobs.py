@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 ACTIVE_STATES = frozenset({"submitting", "queued", "running"})
-FINISHED_STATES = frozenset({"done", "failed", "cancelled", "lost"})
+FINISHED_STATES = frozenset({"done", "failed", "cancelled", "lost", "damaged"})  # damaged: unreadable job folder
 
 
 @dataclass
@@ -85,7 +85,7 @@ class JobRecord:
         return self.slot_order.index(slot)
 
     def status_line(self) -> str:
-        if self.state == "failed" or self.state == "lost":
+        if self.state in ("failed", "lost", "damaged"):
             return self.error or self.state
         if self.state == "cancelled":
             return self.error or "cancelled"

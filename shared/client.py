@@ -98,6 +98,7 @@ class Client:
         self._started = False
         self._pending: list[P.Message] = []  # synthetic messages to hand out at the next poll
         self._reported_down = False  # one "disconnected" message per outage, not one per retry
+        self._bad_signatures = 0  # answers signed with another key (a stale connection file)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -116,6 +117,8 @@ class Client:
         s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: sends to a dead backend fail at once
         s.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
         s.setsockopt(zmq.RCVHWM, 0)  # flow control is done with credit, not by dropping
+        if "[" in self.address:  # an IPv6 address, e.g. tcp://[::1]:PORT
+            s.setsockopt(zmq.IPV6, 1)
         if self.curve_server_key:
             pub, sec = zmq.curve_keypair()
             s.curve_publickey = pub
@@ -137,6 +140,7 @@ class Client:
         self._t_connect = now
         self._last_heard = now
         self._owed_credit = 0
+        self._bad_signatures = 0
         self._hello_pending = True
         self._try_hello()
 
@@ -146,9 +150,9 @@ class Client:
                                     "credit": self.credit_bytes, "name": self.name}):
                 self._hello_pending = False
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, linger_ms: int = 0) -> None:
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close(linger=linger_ms)
             self._sock = None
 
     def close(self) -> None:
@@ -231,6 +235,10 @@ class Client:
         self._request(P.SHUTDOWN, {})
 
     # ----------------------------------------------------------------------------------------------- receiving
+    def unread(self, messages: list[P.Message]) -> None:
+        """Hand ``messages`` (from an earlier :meth:`poll`) out again, first, at the next poll."""
+        self._pending[:0] = list(messages)
+
     def poll(self, timeout_ms: int = 0, time_budget_s: float = 0.01) -> list[P.Message]:
         """Drain what is ready, at most ``time_budget_s`` of work; wait up to ``timeout_ms`` for the first message.
 
@@ -277,6 +285,8 @@ class Client:
             msg = self._decoder.decode(frames)
         except P.ProtocolError as exc:
             self.dropped += 1
+            if exc.code == "bad_signature":
+                self._bad_signatures += 1
             log.warning("dropped a message from the backend: %s", exc)
             return
         self._last_heard = time.monotonic()
@@ -299,7 +309,11 @@ class Client:
             out.append(msg)
             return
         if kind == P.BYE:
-            self._disconnect(f"the backend shut down ({msg.fields.get('reason', 'no reason given')})", out)
+            # answer, so the backend knows everything before its bye was read (it waits for this before closing
+            # the connection: a DEALER discards received-but-unread messages when its connection drops)
+            self._send(P.BYE, {})
+            self._disconnect(f"the backend shut down ({msg.fields.get('reason', 'no reason given')})", out,
+                             linger_ms=500)
             return
         if kind == P.ERROR and msg.fields.get("code") == "no_session":
             # the backend forgot us (we were silent too long, or it restarted with the same key): hello again
@@ -330,17 +344,23 @@ class Client:
         if self.state == CONNECTED and now - self._last_sent >= self.heartbeat_s:
             self._send(P.HEARTBEAT, {})
         if self.state == CONNECTING and now - self._t_connect > self.timeout_s:
-            self._disconnect(f"the backend at {self.address} did not answer within {self.timeout_s:g} s", out)
+            if self._bad_signatures:
+                self._disconnect(
+                    f"the backend at {self.address} answered, but not with this client's key: the connection "
+                    "details (key) belong to another backend run; re-read the connection file or restart the "
+                    "backend", out)
+            else:
+                self._disconnect(f"the backend at {self.address} did not answer within {self.timeout_s:g} s", out)
         elif self.state == CONNECTED and now - self._last_heard > self.timeout_s:
             self._disconnect(
                 f"no heartbeat from the backend for {now - self._last_heard:.1f} s; it stopped or crashed", out
             )
 
-    def _disconnect(self, reason: str, out: list[P.Message]) -> None:
+    def _disconnect(self, reason: str, out: list[P.Message], linger_ms: int = 0) -> None:
         log.warning("backend connection lost: %s", reason)
         self.state = DISCONNECTED
         self.reason = reason
-        self._close_socket()
+        self._close_socket(linger_ms)
         self._next_retry = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 8.0)
         if not self._reported_down:

@@ -14,11 +14,11 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .atomic import write_atomic
 from .protocol import PROTOCOL_VERSION
 
 CONNECTION_FILE_NAME = "backend.json"
@@ -74,19 +74,8 @@ def write_connection_file(
         )
     if extra:
         info.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=".backend-", suffix=".json", dir=str(path.parent))
-    try:
-        if sys.platform != "win32":
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(info, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, lambda fh: fh.write(json.dumps(info, indent=2).encode("utf-8")), prefix=".backend-",
+                 suffix=".json")
     return path
 
 

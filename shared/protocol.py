@@ -24,9 +24,10 @@ import hmac
 import json
 import math
 import os
+import re
 import time
 import uuid
-from collections import OrderedDict
+import heapq
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
@@ -81,6 +82,9 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # default cap on the whole message (frame
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_ARRAYS = 64
 MAX_DIMS = 4
+MAX_DIM = 2**31 - 1  # largest extent of one array axis
+MAX_DEPTH = 32  # nesting of JSON objects/arrays in a header
+MAX_INT_DIGITS = 19  # integers in a header fit in int64 (10**400 is refused, not converted)
 DEFAULT_WINDOW_S = 120.0  # replay window: messages older (or further in the future) than this are refused
 
 
@@ -89,10 +93,11 @@ class ProtocolError(Exception):
     ``too_large``, ``bad_frame``, ``bad_header``, ``bad_dtype``, ``bad_shape``, ``version``); ``message`` is for
     people."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, *, ref: str = ""):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.ref = ref  # the refused message's id, when its signature could be checked (for the error's ``ref``)
 
 
 @dataclass
@@ -181,6 +186,58 @@ def encode(
     return [sign(key, hbytes), hbytes, *frames]
 
 
+_ID_TEXT = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.:-]{1,64})"')
+
+
+class _JSONLimit(ValueError):
+    pass
+
+
+def _parse_constant(name: str) -> Any:
+    raise _JSONLimit(f"{name} is not a number this protocol accepts (numbers must be finite)")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _JSONLimit(f"integer with {len(text.lstrip('-'))} digits is out of range (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise _JSONLimit(f"number {text[:40]} is out of range (numbers must be finite)")
+    return v
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests at most ``limit`` levels of lists/dicts (iterative: no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            if d > limit:
+                return False
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            if d > limit:
+                return False
+            stack.extend((v, d + 1) for v in o)
+    return True
+
+
+def loads(data: "bytes | str", *, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` with the protocol's limits: finite numbers only (no NaN/Infinity, no float overflow),
+    integers of at most 19 digits, and at most ``max_depth`` levels of nesting. Raises ``ValueError``."""
+    try:
+        obj = json.loads(data, parse_constant=_parse_constant, parse_int=_parse_int, parse_float=_parse_float)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
+    if not _depth_ok(obj, max_depth):
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return obj
+
+
 def _frame_bytes(frame: Any) -> memoryview:
     """A memoryview of a frame: bytes, bytearray, memoryview or a ``zmq.Frame`` (``.buffer``)."""
     buf = getattr(frame, "buffer", None)
@@ -213,97 +270,139 @@ class Decoder:
         self.window_s = float(window_s)
         self.max_header_bytes = int(max_header_bytes)
         self.kinds = frozenset(kinds) if kinds is not None else ALL_KINDS
-        self._seen: "OrderedDict[str, float]" = OrderedDict()
+        # ids of correctly signed messages -> until when a copy could still fall inside the time window
+        self._seen: dict[str, float] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap of (until, id)
+
+    def _remember(self, mid: str, ts: float) -> None:
+        until = ts + self.window_s
+        self._seen[mid] = until
+        heapq.heappush(self._expiry, (until, mid))
 
     def _prune(self, now: float) -> None:
-        horizon = now - 2 * self.window_s
-        while self._seen:
-            mid, t = next(iter(self._seen.items()))
-            if t >= horizon:
-                break
-            self._seen.popitem(last=False)
+        while self._expiry and self._expiry[0][0] < now:
+            until, mid = heapq.heappop(self._expiry)
+            if self._seen.get(mid) == until:
+                del self._seen[mid]
+
+    def _ref_of(self, hbytes: bytes, sig: Any) -> str:
+        """The id of a message refused before its header was parsed, if its signature holds (for ``ref``): from
+        the parsed header, else (the header is not acceptable JSON) from its text."""
+        try:
+            if not hmac.compare_digest(sign(self.key, hbytes), bytes(sig)):
+                return ""
+        except Exception:
+            return ""
+        try:
+            header = loads(hbytes.decode("utf-8"))
+            mid = header.get("id") if isinstance(header, dict) else None
+        except Exception:
+            m = _ID_TEXT.search(hbytes)
+            mid = m.group(1).decode("ascii") if m else None
+        return mid if isinstance(mid, str) and 0 < len(mid) <= 64 else ""
 
     def decode(self, frames: list, *, now: Optional[float] = None) -> Message:
         if len(frames) < 2:
             raise ProtocolError("bad_frame", f"a message needs at least 2 frames (signature, header), got {len(frames)}")
         views = [_frame_bytes(f) for f in frames]
         total = sum(v.nbytes for v in views)
+        sig, hdr = views[0], views[1]
         if total > self.max_bytes:
             raise ProtocolError(
-                "too_large", f"message of {total:,} bytes is larger than the limit of {self.max_bytes:,} bytes"
+                "too_large", f"message of {total:,} bytes is larger than the limit of {self.max_bytes:,} bytes",
+                ref=self._ref_of(hdr.tobytes(), sig) if hdr.nbytes <= 4 * self.max_header_bytes else "",
             )
-        sig, hdr = views[0], views[1]
         if hdr.nbytes > self.max_header_bytes:
-            raise ProtocolError("too_large", f"header of {hdr.nbytes:,} bytes exceeds {self.max_header_bytes:,}")
+            raise ProtocolError(
+                "too_large", f"header of {hdr.nbytes:,} bytes exceeds {self.max_header_bytes:,} (a prompt or "
+                "parameter that long is refused; large data goes in array frames)",
+                ref=self._ref_of(hdr.tobytes(), sig) if hdr.nbytes <= 16 * self.max_header_bytes else "",
+            )
         hbytes = hdr.tobytes()
         if not hmac.compare_digest(sign(self.key, hbytes), sig.tobytes()):
             raise ProtocolError("bad_signature", "HMAC signature does not match; wrong key or a forged message")
         try:
-            header = json.loads(hbytes.decode("utf-8"))
+            header = loads(hbytes.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError("bad_header", f"header is not valid JSON: {exc}") from None
+            raise ProtocolError("bad_header", f"header is not valid JSON within the limits: {exc}",
+                                ref=self._ref_of(hbytes, sig)) from None
         if not isinstance(header, dict):
             raise ProtocolError("bad_header", "header must be a JSON object")
-        if header.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError(
-                "version", f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}; update the older side"
-            )
-        kind = header.get("kind")
-        if kind not in self.kinds:
-            raise ProtocolError("bad_header", f"unexpected message kind {kind!r}")
         mid = header.get("id")
-        ts = header.get("ts")
         if not isinstance(mid, str) or not mid or len(mid) > 64:
             raise ProtocolError("bad_header", "header needs a message id (string of at most 64 characters)")
-        if not isinstance(ts, (int, float)) or not math.isfinite(ts):
-            raise ProtocolError("bad_header", "header needs a numeric timestamp 'ts'")
+        if header.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "version", f"protocol version {str(header.get('v'))[:20]!r} is not {PROTOCOL_VERSION}; update the "
+                "older side", ref=mid
+            )
+        kind = header.get("kind")
+        if not isinstance(kind, str) or kind not in self.kinds:
+            raise ProtocolError("bad_header", f"unexpected message kind {str(kind)[:40]!r}", ref=mid)
+        ts = header.get("ts")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or abs(ts) > 1e12:
+            raise ProtocolError("bad_header", "header needs a numeric timestamp 'ts' (Unix seconds)", ref=mid)
+        ts = float(ts)
         now = time.time() if now is None else now
+        self._prune(now)
+        if mid in self._seen:
+            raise ProtocolError("replay", f"message id {mid} was already received; replay refused", ref=mid)
         if abs(now - ts) > self.window_s:
+            if ts > now:  # a clock ahead: this very message would fall inside the window later; refuse it then too
+                self._remember(mid, ts)
             raise ProtocolError(
                 "stale", f"message timestamp is {now - ts:+.1f} s off, outside the {self.window_s:.0f} s window "
-                "(a replay, or the two clocks disagree)"
+                "(a replay, or the two clocks disagree)", ref=mid
             )
-        if mid in self._seen:
-            raise ProtocolError("replay", f"message id {mid} was already received; replay refused")
+        # a signed message in the window: its id is spent whether or not the rest of it is acceptable
+        self._remember(mid, ts)
         fields = header.get("fields", {})
         metas = header.get("arrays", [])
         if not isinstance(fields, dict) or not isinstance(metas, list):
-            raise ProtocolError("bad_header", "'fields' must be an object and 'arrays' a list")
+            raise ProtocolError("bad_header", "'fields' must be an object and 'arrays' a list", ref=mid)
         if len(metas) > MAX_ARRAYS:
-            raise ProtocolError("bad_header", f"{len(metas)} arrays, at most {MAX_ARRAYS}")
+            raise ProtocolError("bad_header", f"{len(metas)} arrays, at most {MAX_ARRAYS}", ref=mid)
         if len(metas) != len(views) - 2:
             raise ProtocolError(
-                "bad_frame", f"header describes {len(metas)} binary frames but {len(views) - 2} arrived (truncated?)"
+                "bad_frame", f"header describes {len(metas)} binary frames but {len(views) - 2} arrived (truncated?)",
+                ref=mid,
             )
         arrays: dict[str, np.ndarray] = {}
         for meta, view in zip(metas, views[2:]):
-            arrays_name, arr = self._array(meta, view)
+            try:
+                arrays_name, arr = self._array(meta, view)
+            except ProtocolError as exc:
+                exc.ref = mid
+                raise
+            if arrays_name in arrays:
+                raise ProtocolError("bad_header", f"two arrays named {arrays_name!r}", ref=mid)
             arrays[arrays_name] = arr
-        self._seen[mid] = float(ts)
-        self._prune(now)
-        return Message(kind=kind, id=mid, fields=fields, arrays=arrays, ts=float(ts), nbytes=total)
+        return Message(kind=kind, id=mid, fields=fields, arrays=arrays, ts=ts, nbytes=total)
 
     @staticmethod
     def _array(meta: Any, view: memoryview) -> tuple[str, np.ndarray]:
         if not isinstance(meta, dict):
             raise ProtocolError("bad_header", "array description must be an object")
         name, dname, shape, nbytes = meta.get("name"), meta.get("dtype"), meta.get("shape"), meta.get("nbytes")
-        if not isinstance(name, str) or not name:
-            raise ProtocolError("bad_header", "array description needs a name")
-        if dname not in DTYPES:
-            raise ProtocolError("bad_dtype", f"array {name!r}: dtype {dname!r} is not allowed ({', '.join(DTYPES)})")
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ProtocolError("bad_header", "array description needs a name (at most 128 characters)")
+        if not isinstance(dname, str) or dname not in DTYPES:
+            raise ProtocolError("bad_dtype", f"array {name!r}: dtype {str(dname)[:40]!r} is not allowed "
+                                f"({', '.join(DTYPES)})")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
         ):
-            raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r} must be a list of at most "
-                                f"{MAX_DIMS} non-negative integers")
+            raise ProtocolError("bad_shape", f"array {name!r}: shape {str(shape)[:80]} must be a list of at most "
+                                f"{MAX_DIMS} integers in [0, {MAX_DIM}]")
         dtype = DTYPES[dname]
-        expect = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        # Python integers: the byte count cannot wrap around (int64 products of [2**31, 2**31, 4] wrap to 0)
+        expect = math.prod(shape) * dtype.itemsize
         if nbytes != expect:
             raise ProtocolError(
-                "bad_shape", f"array {name!r}: {nbytes!r} bytes declared, but shape {shape} of {dname} needs {expect}"
+                "bad_shape", f"array {name!r}: {str(nbytes)[:40]} bytes declared, but shape {shape} of {dname} "
+                f"needs {expect}"
             )
         if view.nbytes != expect:
             raise ProtocolError(
