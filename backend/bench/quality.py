@@ -96,15 +96,23 @@ def decoder_surface(decoder, z, n: int = 2048, seed: int = 0) -> np.ndarray | No
     return surface_points_from_occ(fn, 48, n, seed)
 
 
+# The judged renders show the surface the artist gets (the marching-cubes level o = 0.5 of the final mesh), not the
+# soft volume stage 2 optimises: the occupancy is sharpened (sigmoid(logit / 0.1)) and rendered nearly opaque, like the
+# ground-truth renders (beta 0.004) the classifier was trained on.
+JUDGE_TEMPERATURE = 0.1
+JUDGE_BETA = 0.005
+
+
 @torch.no_grad()
 def render_decoded(decoder, z, res: int = 48) -> torch.Tensor:
-    """4 white-background renders (4, 3, res, res) of the decoded shape for the classifier."""
+    """4 white-background renders (4, 3, res, res) of the decoded shape's surface for the classifier."""
     from backend.fields.adapters import DecoderField
     from backend.render import render
     from backend.training.render_world import cameras_from_array
 
-    out = render(DecoderField(decoder, z.reshape(1, -1)), cameras_from_array(EVAL_CAMS, str(z.device)), res, res,
-                 n_samples=32, background="white", stratified=False, normals=None)
+    field_ = DecoderField(decoder, z.reshape(1, -1), beta=JUDGE_BETA, temperature=JUDGE_TEMPERATURE)
+    out = render(field_, cameras_from_array(EVAL_CAMS, str(z.device)), res, res,
+                 n_samples=64, background="white", stratified=False, normals=None)
     return out["rgb"].permute(0, 3, 1, 2).cpu()
 
 

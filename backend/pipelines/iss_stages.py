@@ -55,6 +55,7 @@ class ViewConfig:
     radius: float = 1.6
     fov: float = 45.0
     decoder_beta: float = 0.02  # sigma = o / beta (DecoderField)
+    decoder_temperature: float = 1.0  # o = sigmoid(logit / temperature); < 1 renders closer to DVR's opaque surface
     field_grid: int = 0  # > 0: decode once per iteration on this grid and render from it (CachedDecoderField, ours;
     # the CPU default), 0: query the decoder at every ray sample (ISS)
     chunk: int = 8192  # rays per renderer chunk
@@ -124,8 +125,9 @@ def sample_diversity_features(prior: Any, f_text: Tensor, n: int, seed: int) -> 
 def decoder_field(decoder: nn.Module, z: Tensor, view: ViewConfig):
     """The renderable field of ``D(., z)``: direct (ISS) or through a decoded grid (``view.field_grid``)."""
     if view.field_grid > 0:
-        return CachedDecoderField(decoder, z.reshape(1, -1), view.field_grid, beta=view.decoder_beta)
-    return DecoderField(decoder, z.reshape(1, -1), beta=view.decoder_beta)
+        return CachedDecoderField(decoder, z.reshape(1, -1), view.field_grid, beta=view.decoder_beta,
+                                  temperature=view.decoder_temperature)
+    return DecoderField(decoder, z.reshape(1, -1), beta=view.decoder_beta, temperature=view.decoder_temperature)
 
 
 def render_views(field_: Any, cameras, resolution: int, n_samples: int, generator: Optional[torch.Generator],
