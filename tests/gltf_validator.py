@@ -68,7 +68,9 @@ def validate(paths: Iterable[Path]) -> dict[str, dict]:
                           capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"glTF validator failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
+    reports = json.loads(proc.stdout)
+    # a file a still-running backend replaced or removed meanwhile was not read: it is not a file with errors
+    return {p: r for p, r in reports.items() if os.path.exists(p)}
 
 
 def describe(path: str, issues: dict) -> str:
@@ -78,6 +80,9 @@ def describe(path: str, issues: dict) -> str:
         if m.get("severity", 3) <= 1:  # 0 error, 1 warning
             lines.append(f"  [{m['code']}] {m['message']} at {m.get('pointer', '')}")
     return "\n".join(lines)
+
+
+IN_FLIGHT_PREFIX = ".tmp-"  # shared.atomic.write_atomic's temporary files, renamed over the real name when complete
 
 
 class GlbWatch:
@@ -91,8 +96,8 @@ class GlbWatch:
         new = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if not name.lower().endswith(".glb"):
-                    continue
+                if not name.lower().endswith(".glb") or name.startswith(IN_FLIGHT_PREFIX):
+                    continue  # an atomic write in progress (shared.atomic): its final name is checked
                 p = os.path.join(dirpath, name)
                 try:
                     st = os.stat(p)

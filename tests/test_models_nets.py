@@ -65,8 +65,17 @@ def test_mapper_matches_iss_sec_3_3_1():
     assert len(linears) == 12 and len(acts) == 11
     assert all(a.negative_slope == 0.02 for a in acts)
     w = torch.cat([l.weight.flatten() for l in linears[1:-1]])
-    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    he_std = (2.0 / (1 + 0.02 ** 2) / 128) ** 0.5  # He init for LeakyReLU(0.02), fan-in 128
+    assert abs(w.std().item() - he_std) < 0.01 and abs(w.mean().item()) < 0.005
     assert all(torch.count_nonzero(l.bias) == 0 for l in linears)
+    # the signal keeps its scale through the 12 layers (ISS's N(0, 0.02) init shrinks it ~10x per layer)
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        assert 0.1 < m(x).std().item() / x.std().item() < 10
+        iss = Mapper(MapperConfig(in_dim=64, out_dim=16, hidden=128, init="normal"))
+        w_iss = torch.cat([l.weight.flatten() for l in iss.net if isinstance(l, nn.Linear)])
+        assert abs(w_iss.std().item() - 0.02) < 0.002
+        assert iss(x).std().item() / x.std().item() < 1e-6
     assert m(torch.randn(5, 64)).shape == (5, 16)
     with pytest.raises(InputError, match="expects 64-d CLIP features"):
         m(torch.randn(5, 32))
