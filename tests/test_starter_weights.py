@@ -58,3 +58,32 @@ def test_text_to_shape_on_starter_weights_gives_a_coloured_mesh(profile):
     rgb = mesh.colors[:, :3].astype(np.float32)
     # coloured, not grey: the mean red channel dominates for "red"
     assert rgb[:, 0].mean() > rgb[:, 1].mean() + 20, rgb.mean(0)
+
+
+@pytest.mark.parametrize("prompt,category,colour", [
+    ("a red chair", "chair", "red"),
+    ("a yellow aeroplane", "airplane", "yellow"),  # "aeroplane" is in no caption of the world
+    ("a blue automobile", "car", "blue"),  # nor is "automobile"
+])
+def test_the_default_job_on_shipped_weights_makes_the_named_shape(profile, prompt, category, colour):
+    """Issue 12's regression test: the default text-to-shape job (stage 1 + stage 2 at the CPU settings, seed 0)
+    makes a shape the independent classifier calls by the prompt's category and colour."""
+    from backend.bench.quality import DefaultJob, judge_latent
+    from backend.training.classifier import ShapeClassifier
+
+    classifier = ShapeClassifier.load(registry.starter_dir() / "classifier")
+    job = DefaultJob(profile, "cpu", {})
+    res = job.run(prompt, seed=0)
+    verdict = judge_latent(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], "cpu")
+    assert not verdict["empty"]
+    assert (verdict["cat"], verdict["col"]) == (category, colour)
+
+
+def test_a_prompt_the_starter_models_cannot_read_is_flagged(profile):
+    from backend.pipelines.text_to_shape import unfamiliar_prompt
+
+    clip = profile.clip()
+    warning = unfamiliar_prompt(profile, clip, clip.encode_text(["一把红色的椅子"]))
+    assert "may not understand" in warning and "chair" in warning
+    for ok in ("an armchair", "a comfy armchair for a living room", "a tall red chair"):
+        assert unfamiliar_prompt(profile, clip, clip.encode_text([ok])) == "", ok
