@@ -86,7 +86,7 @@ class SVRTrainConfig:
 
 def occupancy_preset(**overrides) -> SVRTrainConfig:
     """The shipped SVR: 3D (occupancy + colour) supervision only, bigger batches, more steps (see the docstring)."""
-    base = dict(steps=2000, batch_size=32, points=1024, lr=1e-3, lambda_render=0.0, render_items=0,
+    base = dict(steps=4000, batch_size=32, points=1024, lr=1e-3, lambda_render=0.0, render_items=0,
                 normal_loss=False, ssc=False, lambda_z=1e-3, pe_freqs=4, encoder_widths=(16, 32, 64, 128))
     base.update(overrides)
     return SVRTrainConfig(**base)
