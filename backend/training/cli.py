@@ -28,6 +28,7 @@ log = logging.getLogger("stepstone.training")
 
 DEFAULT_DATA = Path("data/starter/train.npz")
 DEFAULT_HELDOUT = Path("data/starter/heldout.npz")
+DEFAULT_TEXT_CACHE = Path("data/starter/text_cache.npz")
 WHATS = ("world-preview", "dataset", "clip", "classifier", "svr", "mapper", "prior", "cisp", "all")
 
 
@@ -110,7 +111,7 @@ def cmd_clip(args) -> int:
     from backend.training.common import record_model
 
     data = _load_data(args)
-    cfg = ClipTrainConfig(seed=args.seed)
+    cfg = ClipTrainConfig(seed=args.seed, text_cache=str(args.text_cache or DEFAULT_TEXT_CACHE))
     if args.steps:
         cfg.steps = args.steps
     out = Path(args.out) if args.out else _starter_dir(args) / "clip"
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the config default)")
+    p.add_argument("--text-cache", default=None,
+                   help=f"caption embeddings of the locked text tower, read and extended (default {DEFAULT_TEXT_CACHE}); "
+                        "with every caption in it, training needs no text-tower weights")
     # dataset options
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("-n", type=int, default=1040, help="dataset: number of shapes")

@@ -66,6 +66,7 @@ class ClipTrainConfig:
     # renders the decoded shape at 32-48 px with few samples per ray (soft images)
     lambda_align: float = 1.0  # pull f_I onto f_T of the canonical caption (see the module docstring)
     captions_per_shape: int = 6  # random captions cached per training shape (plus the canonical one)
+    text_cache: str = ""  # .npz of caption embeddings by the locked tower (read, extended, written); "" = memory only
     seed: int = 0
 
     @property
@@ -85,13 +86,18 @@ class ClipTrainConfig:
         return {"embed_dim": self.embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
-def build_clip(cfg: ClipTrainConfig):
-    """A randomly initialised image tower with the starter config (and the locked text tower), plus a tokenizer."""
+def build_clip(cfg: ClipTrainConfig, pretrained_text: bool = True):
+    """A randomly initialised image tower with the starter config (and the locked text tower), plus a tokenizer.
+
+    ``pretrained_text=False`` builds the locked tower from its config alone (random weights, never used): for a run
+    whose every caption embedding comes from a :class:`~backend.training.text_cache.TextCache` file, on a machine
+    without the tower's weights.
+    """
     import open_clip
 
     from backend.models.clip import build_open_clip, resolve_model_cfg
 
-    model = build_open_clip(cfg.model_cfg(), pretrained_text=True)
+    model = build_open_clip(cfg.model_cfg(), pretrained_text=pretrained_text)
     if cfg.locked_text:
         folder = resolve_model_cfg(cfg.model_cfg())["text_cfg"]["hf_tokenizer_name"]
         tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=cfg.context_length)
@@ -181,29 +187,32 @@ def contrastive_loss(img_f, txt_f, logit_scale, captions: list[str]):
     return 0.5 * (loss_i + loss_t)
 
 
-def caption_cache(data: StarterDataset, model, tokenizer, cfg: ClipTrainConfig, rng: np.random.Generator,
-                  device: str = "cpu", batch: int = 256):
-    """Captions of every training shape and the locked tower's embeddings of each distinct caption.
+def caption_table(data: StarterDataset, cfg: ClipTrainConfig, rng: np.random.Generator):
+    """Captions of every training shape: ``(captions (N, K+1) strings, index (N, K+1) into uniq, uniq)``.
 
-    Returns ``(captions (N, K+1) strings, index (N, K+1) into emb, emb (U, D) unit-norm)``; column 0 is the
-    canonical caption, the others :func:`random_caption` draws.
+    Column 0 is the canonical caption, the others :func:`random_caption` draws.
     """
-    import torch
-
     from backend.training.captions import caption
 
     shapes = [data.shape(i) for i in range(len(data))]
     caps = [[caption(s)] + [random_caption(s, rng) for _ in range(cfg.captions_per_shape)] for s in shapes]
     uniq = list(dict.fromkeys(c for row in caps for c in row))
     pos = {c: i for i, c in enumerate(uniq)}
-    embs = []
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(uniq), batch):
-            embs.append(torch.nn.functional.normalize(model.encode_text(tokenizer(uniq[s:s + batch]).to(device)),
-                                                      dim=-1).float())
     index = np.asarray([[pos[c] for c in row] for row in caps], np.int64)
-    return np.asarray(caps, dtype=object), index, torch.cat(embs)
+    return np.asarray(caps, dtype=object), index, uniq
+
+
+def text_encoder(model, tokenizer, device: str = "cpu"):
+    """``captions -> unit-norm embeddings (numpy)`` through the model's (locked) text tower."""
+    import torch
+
+    def encode(caps: list[str]) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            f = model.encode_text(tokenizer(caps).to(device))
+        return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+
+    return encode
 
 
 def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", out_dir: str | Path | None = None,
@@ -219,17 +228,25 @@ def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", 
     seed_everything(cfg.seed)
     if data.split != "train":
         raise ValueError("the starter CLIP trains on the training split only")
+    rng = np.random.default_rng(cfg.seed)
+    n, v = len(data), data.n_views
+    cache = None
+    if cfg.locked_text:
+        from backend.training.text_cache import TextCache
+
+        caps, cap_index, uniq = caption_table(data, cfg, rng)
+        cache = TextCache(cfg.text_tower, "pooled", cfg.text_cache or None)
+        need_tower = bool(cache.missing(uniq))
     if model is None:
-        model, tokenizer = build_clip(cfg)
+        model, tokenizer = build_clip(cfg, pretrained_text=not cfg.locked_text or need_tower)
     else:
         import open_clip
 
         tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
     model = model.to(device)
-    rng = np.random.default_rng(cfg.seed)
-    n, v = len(data), data.n_views
     if cfg.locked_text:
-        caps, cap_index, cap_emb = caption_cache(data, model, tokenizer, cfg, rng, device)
+        cap_emb = torch.from_numpy(cache.embed(uniq, text_encoder(model, tokenizer, device) if need_tower else None))
+        cache.save()
         cap_emb = cap_emb.to(device)
         shapes = None
     else:
