@@ -45,8 +45,8 @@ def cmd(name: str, steps: int, out: Path, args, minutes: float = 0.0) -> list[st
          "--out", str(out / name)] + extra
     if what == "clip":
         c += ["--text-cache", args.text_cache]
-    if name == "cisp_clipcond":
-        c += ["--models", str(out)]  # the CLIP trained in this run
+    if name == "cisp_clipcond":  # the CLIP trained in this run, else the one in --clip-models
+        c += ["--models", str(out) if "clip" in AFTER.values() else args.clip_models]
     if minutes:
         c += ["--minutes", f"{minutes:.2f}"]
     return c
@@ -92,6 +92,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=3)
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS)
+    p.add_argument("--clip-models", default="backend/models/starter",
+                   help="models folder whose clip/ conditions cisp_clipcond when clip is not trained in this run")
     p.add_argument("--only", default="", help="comma-separated subset of " + ", ".join(PLAN))
     args = p.parse_args()
     out = Path(args.out)
@@ -99,14 +101,14 @@ def main() -> int:
     for d in (models, logs, out / "probe"):
         d.mkdir(parents=True, exist_ok=True)
     names = [n for n in PLAN if not args.only or n in args.only.split(",")]
-    if "cisp_clipcond" in names and "clip" not in names:
-        AFTER.pop("cisp_clipcond")  # conditioned on the CLIP already in OUTDIR/models (put one there first)
+    if "clip" not in names:
+        AFTER.pop("cisp_clipcond", None)  # conditioned on the CLIP in --clip-models
     # 1. probe, all at once (clipcond probes on the shipped CLIP: same denoiser cost)
     probe = {}
     for n in names:
         c = cmd(n, args.probe_steps, out / "probe", args)
         if n == "cisp_clipcond":
-            c[c.index("--models") + 1] = "backend/models/starter"
+            c[c.index("--models") + 1] = args.clip_models
         probe[n] = c
     t = time.time()
     res = run_parallel(probe, logs)

@@ -78,6 +78,8 @@ class Stage2Config:
     min_volume: float = 0.3  # guard (ours): an update that leaves less than this fraction of stage 1's volume is
     # undone and stage 2 stops there, so Eq. 3 can never win by deleting the shape (issue 12)
     volume_resolution: int = 16  # grid of the volume check
+    lambda_prior: float = 0.0  # Eq. 6 against the stage-1 shape (ours in stage 2; see Stage2Aligner)
+    prior_points: int = 4096  # query points of Eq. 6 per iteration
     view: ViewConfig = field(default_factory=ViewConfig)
 
 
@@ -174,6 +176,12 @@ class Stage2Aligner:
 
     ``f_text`` is the CLIP text feature fed to M'; ``target`` the consistency target (f_T, or Eq. 5's blend).
     The SVR decoder and CLIP stay frozen; only M' is optimised.
+
+    ``config.lambda_prior > 0`` adds ISS++'s 3D prior loss (Eq. 6, :func:`backend.losses.prior_3d.prior_3d_loss`)
+    between the current occupancy and stage 1's, at random points of the unit cube: an addition of ours. ISS++
+    uses Eq. 6 to keep the structure during stylization and we use it in SDS refinement; Dream3D (paper 001, Eq. 4)
+    keeps its shape prior the same way. In stage 2 it lets the CLIP loss adjust the stage-1 shape without trading
+    the shape itself for a view a small CLIP happens to score higher (measured in ``bench quality``).
     """
 
     def __init__(self, mapper: nn.Module, decoder: nn.Module, clip: Any, f_text: Tensor, target: Tensor,
@@ -194,6 +202,8 @@ class Stage2Aligner:
         self.stopped = ""  # why stage 2 stopped early ("" while it runs)
         self._volume_points = grid_points(config.volume_resolution, device=device).reshape(1, -1, 3)
         self.volume0 = self.volume()
+        with torch.no_grad():
+            self.z1 = self.latent().detach()  # the stage-1 shape, anchor of Eq. 6
 
     def latent(self) -> Tensor:
         """``z = M'(f_T)`` (1, L)."""
@@ -234,6 +244,15 @@ class Stage2Aligner:
             out["bg"], mask = background_term(field_, pts, cfg.occupancy_threshold)
             out["bg_fraction"] = mask.float().mean()
             total = total + cfg.lambda_bg * out["bg"]
+        if cfg.lambda_prior > 0:  # Eq. 6 against the stage-1 occupancy
+            from backend.losses.prior_3d import prior_3d_loss, sample_prior_points
+
+            p = sample_prior_points(cfg.prior_points, generator=self.generator, device=self.device)[None]
+            occ = torch.sigmoid(self.decoder(p, z)[0])
+            with torch.no_grad():
+                occ1 = torch.sigmoid(self.decoder(p, self.z1)[0])
+            out["prior"] = prior_3d_loss(occ, occ1)
+            total = total + cfg.lambda_prior * out["prior"]
         out["loss"] = total
         return out
 

@@ -187,7 +187,7 @@ def contrastive_loss(img_f, txt_f, logit_scale, captions: list[str]):
     return 0.5 * (loss_i + loss_t)
 
 
-def caption_table(data: StarterDataset, cfg: ClipTrainConfig, rng: np.random.Generator):
+def caption_table(data: StarterDataset, per_shape: int, rng: np.random.Generator):
     """Captions of every training shape: ``(captions (N, K+1) strings, index (N, K+1) into uniq, uniq)``.
 
     Column 0 is the canonical caption, the others :func:`random_caption` draws.
@@ -195,7 +195,7 @@ def caption_table(data: StarterDataset, cfg: ClipTrainConfig, rng: np.random.Gen
     from backend.training.captions import caption
 
     shapes = [data.shape(i) for i in range(len(data))]
-    caps = [[caption(s)] + [random_caption(s, rng) for _ in range(cfg.captions_per_shape)] for s in shapes]
+    caps = [[caption(s)] + [random_caption(s, rng) for _ in range(per_shape)] for s in shapes]
     uniq = list(dict.fromkeys(c for row in caps for c in row))
     pos = {c: i for i, c in enumerate(uniq)}
     index = np.asarray([[pos[c] for c in row] for row in caps], np.int64)
@@ -234,7 +234,7 @@ def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", 
     if cfg.locked_text:
         from backend.training.text_cache import TextCache
 
-        caps, cap_index, uniq = caption_table(data, cfg, rng)
+        caps, cap_index, uniq = caption_table(data, cfg.captions_per_shape, rng)
         cache = TextCache(cfg.text_tower, "pooled", cfg.text_cache or None)
         need_tower = bool(cache.missing(uniq))
     if model is None:

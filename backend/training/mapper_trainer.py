@@ -11,6 +11,13 @@
   occupancy/colour loss, and ``L_bg = sum_p ||D_c(p) - 1||^2`` over points p on camera rays that miss the object
   (background pixels of the data set's masks), so the background renders white. Gradients of L_D and L_bg never
   reach M (Fig. 3a: stop-gradient), and L_M never reaches D or E_S.
+- **Caption pairs (our addition, stated departure from ISS)**: ISS trains M on image features only because it
+  has no paired text-shape data; the procedural world gives captions for free. With ``text_pairs = p`` a fraction
+  p of every batch is (CLIP text feature f_T of a caption of shape i, E_S(I) of a random view of shape i): the
+  same Eq. 2 regression, on the features M actually receives at test time, so the image/text gap no longer rests
+  on noise mixing alone. The captions are the starter CLIP's (canonical + attribute-dropped, see
+  :func:`backend.training.clip_trainer.caption_table`), embedded once through a
+  :class:`~backend.training.text_cache.TextCache`. ``text_pairs = 0`` is ISS's text-free training.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ class MapperTrainConfig:
     lr: float = 5e-4  # ISS uses 1e-4 for 400 epochs; a shorter CPU schedule needs a larger step
     lambda_m: float = 0.5  # ISS Sec. 4.2
     noise_max: float = 1.0  # xi of the feature perturbation (noise mixing)
+    text_pairs: float = 0.5  # fraction of a batch that is (caption feature, shape latent); 0 = ISS (image only)
+    text_noise_max: float = 0.3  # xi for the caption features (they are what M sees at test time)
+    captions_per_shape: int = 6
+    text_cache: str = ""  # TextCache file of caption embeddings ("" = embed in memory)
     decoder_steps: int = 100  # fine-tuning of D with L_D + lambda_bg L_bg
     decoder_lr: float = 2e-4
     lambda_bg: float = 10.0  # ISS Sec. 4.2
@@ -59,6 +70,25 @@ def encode_dataset(data: StarterDataset, clip, svr, device: str = "cpu", batch: 
         f_all.append(clip.encode_image(imgs).float().cpu())
         z_all.append(svr.encode(imgs).float().cpu())
     return torch.cat(f_all), torch.cat(z_all)
+
+
+def caption_features(data: StarterDataset, clip, cfg: MapperTrainConfig):
+    """Unit-norm CLIP text features of every training shape's captions: ``(emb (U, D), index (N, K+1))``."""
+    from backend.training.clip_trainer import caption_table
+    from backend.training.text_cache import TextCache
+
+    rng = np.random.default_rng(cfg.seed + 7)
+    _, index, uniq = caption_table(data, cfg.captions_per_shape, rng)
+    tower = (clip.model_cfg.get("text_cfg", {}) or {}).get("hf_model_name") or clip.name
+    cache = TextCache(str(tower), "pooled", cfg.text_cache or None)
+    encode = None
+    if cache.missing(uniq):
+        def encode(caps):
+            with torch.no_grad():
+                return clip.encode_text(caps).float().cpu().numpy()
+    emb = torch.from_numpy(cache.embed(uniq, encode))
+    cache.save()
+    return emb, index
 
 
 def perturb(f: torch.Tensor, noise_max: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -115,10 +145,23 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
     result = TrainResult("mapper")
     logger = StepLogger(result, cfg.steps, every=100)
     f_img, z_img = f_img.to(device), z_img.to(device)
+    n_txt = int(round(cfg.batch_size * cfg.text_pairs)) if cfg.text_pairs > 0 else 0
+    if n_txt:
+        cap_emb, cap_index = caption_features(data, clip, cfg)
+        cap_emb = cap_emb.to(device)
+    n_views = data.n_views
     for step in range(cfg.steps):
-        b = torch.randint(0, len(f_img), (cfg.batch_size,), generator=gen).to(device)
+        b = torch.randint(0, len(f_img), (cfg.batch_size - n_txt,), generator=gen).to(device)
         f = perturb(f_img[b], cfg.noise_max, None)
-        loss = cfg.lambda_m * mapper.regression_loss(f, z_img[b])  # Eq. 2 (z detached inside)
+        z = z_img[b]
+        if n_txt:  # caption pairs: f_T of a caption of shape i -> E_S of a random view of shape i
+            i = torch.randint(0, len(data), (n_txt,), generator=gen)
+            c = torch.randint(0, cap_index.shape[1], (n_txt,), generator=gen)
+            k = torch.randint(0, n_views, (n_txt,), generator=gen)
+            rows = torch.as_tensor(cap_index[i.numpy(), c.numpy()], device=device)
+            f = torch.cat([f, perturb(cap_emb[rows], cfg.text_noise_max, None)])
+            z = torch.cat([z, z_img[(i * n_views + k).to(device)]])
+        loss = cfg.lambda_m * mapper.regression_loss(f, z)  # Eq. 2 (z detached inside)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -183,9 +226,11 @@ def cli(args) -> int:
 
     data = _load_data(args)
     root = _starter_dir(args)
-    clip = ClipModel.load(root / "clip", device=args.device, text=False)
+    clip = ClipModel.load(root / "clip", device=args.device)
     svr = SVRModel.load(root / "svr", device=args.device)
-    cfg = MapperTrainConfig(seed=args.seed)
+    from backend.training.cli import DEFAULT_TEXT_CACHE
+
+    cfg = MapperTrainConfig(seed=args.seed, text_cache=str(args.text_cache or DEFAULT_TEXT_CACHE))
     if args.steps:
         cfg.steps = args.steps
     if args.batch:
