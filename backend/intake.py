@@ -275,6 +275,10 @@ def check_resources(workflow: str, params: dict, device: str, budget: Optional[t
     subjects = params.get("subjects")
     if isinstance(subjects, list) and len(subjects) > MAX_GALLERY_ITEMS:
         raise InputError(f"{workflow}: {len(subjects):,} subjects; at most {MAX_GALLERY_ITEMS} per job")
+    from backend.presets import WORKFLOWS as PRESET_WORKFLOWS
+
+    if workflow in PRESET_WORKFLOWS:  # a calibrated estimate per preset: backend.presets.check_memory
+        return
     need, what = estimate_peak_bytes(params)
     if not need:
         return

@@ -11,6 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.measure import marching_cubes
 
 from backend.errors import StepstoneError
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def extract_mesh(
             f"the shape is empty: no surface at level {level:g} (values span {g.min():.4g}..{g.max():.4g}); "
             "try more iterations, another seed or a different prompt"
         )
+    cancel_checkpoint()
     outside_value = max(float(g.max()), level + 1.0)
     gp = np.pad(g, 1, mode="constant", constant_values=outside_value)
     verts, faces, _, _ = marching_cubes(gp, level=level, spacing=tuple(spacing), gradient_direction="ascent")
@@ -161,10 +163,12 @@ def extract_mesh(
     if signed_volume < 0:
         faces = faces[:, ::-1]
     colors = None
+    cancel_checkpoint()
     verts, faces, _ = remove_small_components(verts, faces, min_component_fraction)
     if target_faces is not None:
         verts, faces, _ = decimate(verts, faces, int(target_faces))
     if color_fn is not None and len(verts):
+        cancel_checkpoint()
         c = np.asarray(color_fn(verts.astype(np.float32)))
         if c.ndim != 2 or c.shape[0] != len(verts) or c.shape[1] not in (3, 4):
             raise ValueError(f"color_fn must return ({len(verts)}, 3|4) colours, got {tuple(c.shape)}")

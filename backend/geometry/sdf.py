@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 
 from backend.geometry.normalize import Normalization, fit_normalization
 from backend.geometry.validate import check_mesh
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def unsigned_distance_grid(
     closest_c = np.zeros_like(pts)
     step = 262_144
     for s in range(0, len(pts), step):
+        cancel_checkpoint()
         p = pts[s : s + step]
         fc = faces[s : s + step]
         closest = trimesh.triangles.closest_point(tri[fc.ravel()], np.repeat(p, k, axis=0))

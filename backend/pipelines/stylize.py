@@ -124,10 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sds: score distillation from the diffusion model")
     parser.add_argument("--strength", type=float, default=StylizeConfig.strength,
                         help="0 = preserve the shape most, 1 = follow the style most (default 0.5)")
-    parser.add_argument("--iterations", type=int, default=StylizeConfig.iterations)
-    parser.add_argument("--views", type=int, default=StylizeConfig.views, help="rendered views per iteration")
-    parser.add_argument("--render-resolution", type=int, default=StylizeConfig.render_resolution)
-    parser.add_argument("--grid-resolution", type=int, default=StylizeConfig.grid_resolution)
+    parser.add_argument("--preset", default="auto", choices=("auto", "draft", "standard", "paper"),
+                        help="quality preset (backend.presets; auto: the largest that suits this device and memory)")
+    parser.add_argument("--iterations", type=int, default=None, help="overrides the preset")
+    parser.add_argument("--views", type=int, default=None, help="rendered views per iteration (overrides the preset)")
+    parser.add_argument("--render-resolution", type=int, default=None)
+    parser.add_argument("--grid-resolution", type=int, default=None)
     parser.add_argument("--crops", action="store_true", help="random crops and perspective for CLIP (Text2Mesh)")
     parser.add_argument("--shape-name", default="", help='the [shape] in "A [shape] imitating a [style]" (sds)')
 
@@ -146,8 +148,9 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "grid_resolution": args.grid_resolution,
         "crops": bool(args.crops),
         "shape_name": args.shape_name,
+        "preset": args.preset,
     }
-    return params, [mesh]
+    return {k: v for k, v in params.items() if v is not None}, [mesh]
 
 
 def _check_value(name: str, value: Any, default: Any) -> Any:
