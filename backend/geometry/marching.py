@@ -85,6 +85,7 @@ def decimate(
     lo_cell, hi_cell = extent * 1e-4, extent * 0.5
     best = cluster(hi_cell)
     for _ in range(18):
+        cancel_checkpoint()
         mid = np.sqrt(lo_cell * hi_cell)
         res = cluster(mid)
         if len(res[2]) > target_faces:

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from backend.errors import InputError, ModelUnavailable
 from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _to_u8(rgb: Tensor | np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, beta: float, device: str,
-                       chunk: int = 262_144) -> np.ndarray:
+                       chunk: int = 65_536) -> np.ndarray:
     """Sample the colour field at the original vertices (texture mode keeps the topology exactly).
 
     The rendered colour of a surface point is a transmittance-weighted average over a band of about ``beta``
@@ -310,6 +311,7 @@ def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, b
     out = np.zeros((len(v), 3), dtype=np.float64)
     offs = (-0.5 * beta, 0.0, 0.5 * beta)
     for s in range(0, len(v), chunk):
+        cancel_checkpoint()
         p = torch.as_tensor(v[s : s + chunk], dtype=torch.float32, device=device)
         nn_ = torch.as_tensor(n[s : s + chunk], dtype=torch.float32, device=device)
         acc = torch.zeros_like(p)
@@ -340,10 +342,16 @@ def _resample(grid: Tensor, resolution: int) -> Tensor:
     """A (R, R, R) grid resampled to ``resolution`` samples per axis (same unit-cube convention)."""
     if grid.shape[0] == resolution:
         return grid
-    from backend.fields.grid import grid_points, sample_grid
+    from backend.fields.grid import BBOX_MAX, BBOX_MIN, sample_grid
 
-    pts = grid_points(resolution, device=grid.device)
-    return sample_grid(grid[None], pts)[..., 0]
+    lin = torch.linspace(BBOX_MIN, BBOX_MAX, resolution, device=grid.device)
+    out = torch.empty((resolution,) * 3, device=grid.device, dtype=grid.dtype)
+    step = max(1, (1 << 21) // (resolution * resolution))  # ~2 M samples per slab: a cancel stops between slabs
+    for i in range(0, resolution, step):
+        cancel_checkpoint()
+        pts = torch.stack(torch.meshgrid(lin[i : i + step], lin, lin, indexing="ij"), dim=-1)
+        out[i : i + step] = sample_grid(grid[None], pts)[..., 0]
+    return out
 
 
 def iou(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
@@ -555,7 +563,11 @@ class _Stylizer:
 
         def colors_at(points: np.ndarray) -> np.ndarray:
             pts = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-            return torch.cat([self.color_fn(c) for c in pts.split(262_144)]).float().cpu().numpy()
+            parts = []
+            for c in pts.split(65_536):
+                cancel_checkpoint()
+                parts.append(self.color_fn(c))
+            return torch.cat(parts).float().cpu().numpy()
 
         v_unit, f, colors = _marching_cubes(occ.float().cpu().numpy(), colors_at)
         if len(f) == 0:
