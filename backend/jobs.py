@@ -344,9 +344,39 @@ class JobManager:
         self._stopping = False
         self._shutdown_reason = ""
         self._current: Optional[Job] = None
+        self.timings: dict[str, float] = self._load_timings()  # "profile/workflow/preset" -> seconds, measured here
         self._reload()
         self._worker = threading.Thread(target=self._work, name="stepstone-gpu-worker", daemon=True)
         self._worker.start()
+
+    # ------------------------------------------------------------------------------------------------ timings
+    TIMINGS_FILE = ".timings.json"
+
+    def _load_timings(self) -> dict[str, float]:
+        try:
+            data = json.loads((self.store.root / self.TIMINGS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def timing_key(self, workflow: str, preset: str) -> str:
+        return f"{getattr(self.profile, 'name', 'none')}/{self.device}/{workflow}/{preset}"
+
+    def _record_timing(self, job: Job) -> None:
+        """Remember how long a finished job took at its preset on this backend (the panel shows it next to the
+        preset: "measured and remembered per backend", issue 16)."""
+        if not job.preset or not job.started or not job.finished:
+            return
+        key = self.timing_key(job.workflow, job.preset)
+        took = job.finished - job.started
+        old = self.timings.get(key)
+        self.timings[key] = took if old is None else 0.5 * (old + took)
+        try:
+            _write_json_atomic(self.store.root / self.TIMINGS_FILE, self.timings)
+        except OSError as exc:
+            log.warning("could not remember job timings: %s", exc)
 
     # ------------------------------------------------------------------------------------------------ store
     def _reload(self) -> None:
@@ -550,6 +580,7 @@ class JobManager:
         except OSError as exc:  # the store is full or gone: still tell the client
             log.error("could not persist job %s: %s", job.id, exc)
         if state == DONE:
+            self._record_timing(job)
             elapsed = (job.finished - job.started) if job.started else 0.0
             self.emit(job.id, P.DONE, {"job": job.id, "results": [r["name"] for r in job.results],
                                        "elapsed_s": elapsed}, None)

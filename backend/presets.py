@@ -346,9 +346,11 @@ def check_memory(workflow: str, params: dict, preset: Optional[str], device: str
                      f"{budget[1]} can hold, so it was not started.{hint}", code="too_large")
 
 
-def describe(device: str, budget: Optional[tuple[int, str]] = None) -> dict:
+def describe(device: str, budget: Optional[tuple[int, str]] = None, timings: Optional[dict] = None,
+             timing_key=None) -> dict:
     """What the ``welcome`` tells clients: per workflow the presets, the default, and for each its memory
-    estimate, whether it fits and its expected seconds on this device (``None``: not measured)."""
+    estimate, whether it fits and its expected seconds on this backend: ``measured`` when a job at that preset
+    finished here before (``timings[timing_key(workflow, preset)]``), else the CPU estimate (``None``: unknown)."""
     budget = budget or memory_budget(device)
     out: dict[str, Any] = {"memory_gib": round(budget[0] / GIB, 1), "memory": budget[1]}
     gpu = device.startswith("cuda")
@@ -358,10 +360,13 @@ def describe(device: str, budget: Optional[tuple[int, str]] = None) -> dict:
         for name in PRESET_NAMES:
             p, _ = apply_preset(wf, {"preset": name}, device, budget)
             need, what = estimate_peak_bytes(wf, p)
+            measured = (timings or {}).get(timing_key(wf, name)) if timing_key is not None else None
             entry["presets"][name] = {
                 "peak_gib": round(need / GIB, 1),
                 "fits": need <= USABLE * budget[0],
-                "seconds": None if gpu else CPU_SECONDS.get(wf, {}).get(name),
+                "seconds": round(measured, 1) if measured is not None else
+                (None if gpu else CPU_SECONDS.get(wf, {}).get(name)),
+                "measured": measured is not None,
                 "what": what,
             }
         out[wf] = entry

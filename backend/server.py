@@ -411,7 +411,8 @@ class Server:
         from backend.presets import describe
 
         try:
-            return describe(self.device)
+            m = self.manager
+            return describe(self.device, timings=m.timings if m else None, timing_key=m.timing_key if m else None)
         except Exception:  # never let a hello fail over the estimates
             log.exception("describing the quality presets failed")
             return {}

@@ -207,7 +207,14 @@ def group_main(bpy, mod, args, results: dict) -> None:
 
         elapsed = d.until(cond, 300, f"{wf} job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
-        return {"workflow": wf, "state": job.state, "error": job.error, "states": seen_states,
+        from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
+
+        others = [ascene.world_box(o) for o in bpy.data.objects if o.type == "MESH" and o.name not in job.slots.values()]
+        mine = [ascene.world_box(o) for o in objs]
+        overlaps = sum(1 for a in mine for b in others if b and ascene._overlap(a, b))
+        return {"workflow": wf, "state": job.state, "error": job.error, "states": seen_states, "preset": job.preset,
+                "overlaps": overlaps, "undo_pushes": s.undo_pushes,
+                "pre_existing": sorted(o.name for o in bpy.data.objects if o.name in before and o.type == "MESH"),
                 "meshes_received": job.meshes_received, "slots": sorted(job.slots), "finals": sorted(job.finals),
                 "objects": [mesh_summary(bpy, o) for o in objs], "same_object_per_slot": same["ok"],
                 "new_objects": sorted(set(bpy.data.objects.keys()) - before), "collection": job.collection_actual,
@@ -284,9 +291,12 @@ def group_main(bpy, mod, args, results: dict) -> None:
         job = s.jobs[0]
         d.until(lambda: d.job_settled(job), 300, "stylize job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
+        from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
+
         out.update({"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
                     "source_matrix": [list(r) for r in src.matrix_world], "source_mesh_kept": src.data.name == src_mesh,
-                    "source_name": src.name})
+                    "source_name": src.name, "preset": job.preset, "offset": list(job.placement.offset),
+                    "overlaps_source": any(ascene._overlap(ascene.world_box(o), ascene.world_box(src)) for o in objs)})
         return out
 
     @step(results, "gallery")
@@ -351,9 +361,64 @@ def group_main(bpy, mod, args, results: dict) -> None:
         job = s.submit("diagnostic", {"steps": 200, "resolution": 16, "delay": 0.05}, None, "slow diagnostic",
                        Placement(collection="Stepstone: cancel test"))
         d.until(lambda: job.meshes_received >= 1 and job.job_id is not None, 60, "first mesh of the slow job")
+        d.until(lambda: bool(job.slots) and bool(bpy.data.objects.get(list(job.slots.values())[0])), 60,
+                "the first preview object")
+        preview = list(job.slots.values())[0]
+        coll = job.collection_actual
         assert bpy.ops.stepstone.cancel(job=job.key) == {"FINISHED"}
-        d.until(lambda: d.job_settled(job), 30, "cancellation")
-        return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step}
+        d.until(lambda: d.job_settled(job) and not job.cleanup_pending, 30, "cancellation")
+        return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step,
+                "preview_left": bpy.data.objects.get(preview) is not None,
+                "collection_left": bpy.data.collections.get(coll) is not None,
+                "objects_of_job": [o.name for o in bpy.data.objects if o.get("stepstone_job") == job.key]}
+
+    @step(results, "undo")
+    def _():
+        """What Ctrl-Z does after a result arrived from the timer (background mode has no window: ed.undo may be
+        refused there; the outcome is recorded either way)."""
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        pushes = s.undo_pushes
+        try:
+            bpy.ops.ed.undo_push(message="before stepstone job")
+            pushed_before = True
+        except RuntimeError as exc:
+            pushed_before = str(exc)
+        job = s.submit("diagnostic", {"steps": 2, "resolution": 16}, None, "undo me",
+                       Placement(collection="Stepstone: undo"))
+        d.until(lambda: d.job_settled(job), 60, "undo job")
+        name = list(job.slots.values())[0]
+        out = {"pushed_before": pushed_before, "result_pushes": s.undo_pushes - pushes,
+               "exists_before_undo": bpy.data.objects.get(name) is not None}
+        try:
+            out["undo"] = sorted(bpy.ops.ed.undo())
+            out["exists_after_undo"] = bpy.data.objects.get(name) is not None
+        except RuntimeError as exc:
+            out["undo"] = f"refused: {exc}"
+        return out
+
+    @step(results, "image_to_shape")
+    def _():
+        ok, why = s.workflow_available("image-to-shape")
+        if not ok:
+            raise RuntimeError(f"image-to-shape unavailable: {why}")
+        import numpy as np
+
+        img = bpy.data.images.new("Red block \u2014 concept", 48, 48)
+        px = np.zeros((48, 48, 4), np.float32)
+        px[..., 3] = 1.0
+        px[12:36, 12:36, :3] = (0.8, 0.1, 0.1)
+        img.pixels.foreach_set(px.ravel())
+        st = bpy.context.scene.stepstone  # after an undo the old Scene reference is gone
+        st.image_source = "IMAGE"
+        st.image = img
+        poll = bpy.ops.stepstone.image_to_shape.poll()
+        assert bpy.ops.stepstone.image_to_shape(options=opts("image-to-shape")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "image-to-shape job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"poll": poll, "state": job.state, "error": job.error, "workflow": job.workflow,
+                "objects": [mesh_summary(bpy, o) for o in objs]}
 
     @step(results, "connect_errors")
     def _():
@@ -385,6 +450,22 @@ def group_main(bpy, mod, args, results: dict) -> None:
         out["online_access"] = bpy.app.online_access
         out["state"] = s.state
         return out
+
+    @step(results, "file_new")
+    def _():
+        """A job started in one file never writes into another (File > New while it runs)."""
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        if not s.connected:
+            d.connect(args.connection_file)
+        job = s.submit("diagnostic", {"steps": 40, "resolution": 16, "delay": 0.1}, None, "old file job",
+                       Placement(collection="Stepstone: old file"))
+        d.until(lambda: bool(job.slots), 60, "the first preview in the old file")
+        bpy.ops.wm.read_homefile(use_empty=True)
+        d.until(lambda: d.job_settled(job), 120, "the job to finish after File > New")
+        leaked = [o.name for o in bpy.data.objects if o.get("stepstone_job") == job.key]
+        return {"state": job.state, "detached": job.detached, "leaked": leaked, "message": job.message,
+                "objects_in_new_file": len(bpy.data.objects)}
 
     @step(results, "unregister")
     def _():

@@ -22,6 +22,7 @@ TINY_OPTIONS = {
                 "preview_every": 2, "eval_views": 2},
     # the backend's own "smoke" preset (seconds on a CPU), with a few more DSD steps so previews stream
     "gallery": {"preset": "smoke", "config": {"optimize": {"iterations": 4, "mesh_every": 2}}},
+    "image-to-shape": {"config": {"mesh_resolution": 24, "steps": 4}},
 }
 
 
@@ -94,9 +95,14 @@ def test_generate_streams_mesh_with_vertex_colours(main_run):
     for o in s["objects"]:
         _check_object(o)
         assert o["collections"] == [s["collection"]]
-    # variants on a grid of 2.0 m spacing from the 3D cursor at the origin
+    # variants on a grid of 2.0 m spacing next to the 3D cursor (at the origin), moved along +X off the objects
+    # already there (the start-up file's cube sits at the cursor): nothing overlaps
     locs = sorted(tuple(round(c, 3) for c in o["location"]) for o in s["objects"])
-    assert locs == [(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)]
+    assert len(locs) == 2 and locs[1][0] - locs[0][0] == 2.0 and locs[0][1:] == locs[1][1:] == (0.0, 0.0)
+    if s["pre_existing"]:
+        assert locs[0][0] > 0.0
+    assert s["overlaps"] == 0, "a generated object overlaps an object that was already in the scene"
+    assert s["preset"] == "standard"  # the backend's default for a CPU, reported back with `accepted`
 
 
 def test_reimport_makes_new_objects(main_run):
@@ -123,7 +129,13 @@ def test_stylize_result_keeps_source_transform(main_run):
     o = s["objects"][0]
     _check_object(o)
     assert o["name"] != s["source_name"] and s["source_mesh_kept"]
-    np.testing.assert_allclose(np.array(o["matrix_world"]), np.array(s["source_matrix"]), atol=1e-5)
+    # the source's rotation and scale, placed beside it (not z-fighting on top): its translation moved by the offset
+    m, src = np.array(o["matrix_world"]), np.array(s["source_matrix"])
+    np.testing.assert_allclose(m[:3, :3], src[:3, :3], atol=1e-5)
+    assert s["offset"][0] > 0.3
+    np.testing.assert_allclose(m[:3, 3], src[:3, 3] + np.array(s["offset"]), atol=1e-5)
+    assert not s["overlaps_source"]
+    assert s["preset"] == "standard"
 
 
 def test_gallery_of_three_in_new_collection_on_grid(main_run):
@@ -154,10 +166,34 @@ def test_fixed_size_stream_updates_the_mesh_in_place(main_run):
     assert s["object"]["colour_attribute"]["mean"][2] > 0.9  # the last step's colours (blue = 255 at t=1)
 
 
-def test_cancel_stops_a_running_job(main_run):
+def test_cancel_stops_a_running_job_and_removes_its_preview(main_run):
     s = step(main_run, "cancel")
     assert s["state"] == "cancelled"
     assert s["meshes_received"] < 200
+    assert not s["preview_left"] and not s["collection_left"] and s["objects_of_job"] == []
+
+
+def test_undo_after_a_result_arrived(main_run):
+    s = step(main_run, "undo")
+    assert s["exists_before_undo"] and s["pushed_before"] is True
+    # each final result that arrives from the timer is its own undo step
+    assert s["result_pushes"] == 1
+    if isinstance(s["undo"], str):  # background mode: no window to undo in; recorded, not claimed
+        pytest.skip(f"bpy.ops.ed.undo in background mode: {s['undo']}")
+    assert s["undo"] == ["FINISHED"] and not s["exists_after_undo"], s
+
+
+def test_image_to_shape_from_an_image_datablock(main_run):
+    s = step(main_run, "image_to_shape")
+    assert s["poll"] is True and s["workflow"] == "image-to-shape"
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 1 and s["objects"][0]["faces"] > 0
+
+
+def test_a_job_never_writes_into_another_file(main_run):
+    s = step(main_run, "file_new")
+    assert s["detached"] and s["leaked"] == []
+    assert s["state"] == "done" and "Re-import" in s["message"]
 
 
 def test_connection_settings_errors_are_messages(main_run):
