@@ -101,6 +101,7 @@ class MeshInput:
     faces: np.ndarray
     colors: Optional[np.ndarray] = None
     matrix_world: Optional[np.ndarray] = None  # (4, 4) float64, row-major
+    uvs: Optional[np.ndarray] = None  # (M, 3, 2) float32: the active UV map at each face corner (texture baking)
 
 
 @dataclass

@@ -141,9 +141,18 @@ def parse_meshes(descs: Any, arrays: dict) -> list[MeshInput]:
             mw = np.asarray(mw, dtype=np.float64).reshape(4, 4)
             if not np.isfinite(mw).all():
                 raise InputError(f"mesh {name!r}: matrix_world has NaN or infinite entries")
+        uv = arrays.get(f"mesh{i}.uvs")
+        if uv is not None:
+            uv = np.asarray(uv)
+            if uv.dtype != np.float32 or uv.shape != (len(f), 3, 2):
+                raise InputError(f"mesh {name!r}: uvs must be float32 of shape ({len(f)}, 3, 2), one UV per face "
+                                 f"corner; got {uv.dtype} {tuple(uv.shape)}")
+            if not np.isfinite(uv).all():
+                raise InputError(f"mesh {name!r}: its UV map has NaN or infinite coordinates")
         # copy out of the ZeroMQ frame: the job outlives the message
         inputs.append(MeshInput(name=name, vertices=np.array(v, np.float32), faces=np.array(f, np.uint32),
-                                colors=None if c is None else np.array(c, np.uint8), matrix_world=mw))
+                                colors=None if c is None else np.array(c, np.uint8), matrix_world=mw,
+                                uvs=None if uv is None else np.array(uv, np.float32)))
     return inputs
 
 

@@ -35,9 +35,9 @@ AUTO = "auto"
 # keep ~55 GB of activations alive (the 22.9 GB out-of-memory of issue 16).
 STYLIZE = {
     "draft": {"iterations": 16, "views": 2, "render_resolution": 48, "n_samples": 24, "grid_resolution": 48,
-              "eval_views": 2, "preview_every": 4, "preview_resolution": 32, "chunk": 2048},
+              "eval_views": 2, "preview_every": 4, "preview_resolution": 32, "chunk": 2048, "texture_size": 256},
     "standard": {"iterations": 30, "views": 4, "render_resolution": 64, "n_samples": 32, "grid_resolution": 64,
-                 "eval_views": 4, "preview_every": 5, "preview_resolution": 48, "chunk": 4096},
+                 "eval_views": 4, "preview_every": 5, "preview_resolution": 48, "chunk": 4096, "texture_size": 512},
     "paper": {"checkpoint": True, "chunk": 4096},  # StylizeConfig's defaults are ISS++ Sec. 4.2
 }
 

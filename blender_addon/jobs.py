@@ -29,6 +29,7 @@ class Placement:
     replace_source: bool = False
     offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # world offset added to ``matrix_world`` (beside source)
     avoid_overlap: bool = True  # move a finished result along +X off objects it would overlap
+    keep_mesh: bool = False  # stylize texture mode: the result is the source's own mesh with the style baked on
 
 
 @dataclass
@@ -61,6 +62,7 @@ class JobRecord:
     detached: bool = False  # the file changed while it ran: its meshes are ignored (Re-import fetches them)
     cleanup_pending: bool = False  # failed/cancelled: remove its unfinished previews once the stream is drained
     source_mesh: Optional[str] = None  # replace_source: the artist's original mesh datablock
+    baked_image: Optional[str] = None  # stylize texture mode: the baked image texture's datablock
 
     @property
     def key(self) -> str:

@@ -234,14 +234,16 @@ class STEPSTONE_OT_stylize(bpy.types.Operator):
             self.report({"ERROR"}, "type a style first")
             return {"CANCELLED"}
         try:
-            payload = scene.object_payload(obj, context.evaluated_depsgraph_get(), max_faces=_max_faces())
+            payload = scene.object_payload(obj, context.evaluated_depsgraph_get(), max_faces=_max_faces(),
+                                           uvs=st.mode == "texture")
         except scene.SelectionError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         params = _with_preset({"style": style, "mode": st.mode, "strength": float(st.strength)}, st.stylize_preset)
         replace = bool(st.replace_source)
         placement = Placement(collection="Stepstone", source=obj.name, matrix_world=payload["matrix_world"],
-                              replace_source=replace, offset=(0.0, 0.0, 0.0) if replace else scene.beside_offset(obj))
+                              replace_source=replace, offset=(0.0, 0.0, 0.0) if replace else scene.beside_offset(obj),
+                              keep_mesh=st.mode == "texture")
         return _submit(self, "stylize", params, [payload], textfit.fit_bytes(f"{obj.name} {style}", 48), placement)
 
 

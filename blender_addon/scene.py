@@ -28,7 +28,7 @@ class SelectionError(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 # selection -> request meshes
 def object_payload(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph, *, max_faces: int = DEFAULT_MAX_FACES,
-                   ) -> dict:
+                   uvs: bool = False) -> dict:
     """The evaluated mesh of ``obj`` (modifiers applied), triangulated, in local space, plus its world matrix.
 
     Returns a request mesh dict: ``name``, ``vertices`` float32 (N, 3), ``faces`` uint32 (M, 3), ``colors`` uint8
@@ -54,6 +54,14 @@ def object_payload(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph, *, max
         tris = np.empty(n_tri * 3, dtype=np.int32)
         me.loop_triangles.foreach_get("vertices", tris)
         colors = _vertex_colors(me)
+        corner_uvs = None
+        uv_layer = me.uv_layers.active if uvs else None
+        if uv_layer is not None and len(me.loops):
+            loop_uv = np.empty(len(me.loops) * 2, dtype=np.float32)
+            uv_layer.uv.foreach_get("vector", loop_uv)
+            tri_loops = np.empty(n_tri * 3, dtype=np.int32)
+            me.loop_triangles.foreach_get("loops", tri_loops)
+            corner_uvs = loop_uv.reshape(-1, 2)[tri_loops].reshape(n_tri, 3, 2)
     finally:
         ob_eval.to_mesh_clear()
     mw = np.array(obj.matrix_world, dtype=np.float64).reshape(-1)
@@ -65,6 +73,8 @@ def object_payload(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph, *, max
     }
     if colors is not None:
         out["colors"] = colors
+    if corner_uvs is not None:
+        out["uvs"] = corner_uvs
     return out
 
 
@@ -300,6 +310,109 @@ def image_png(image: Optional[bpy.types.Image], path: str = "") -> tuple[bytes, 
             bpy.data.images.remove(src)
     rgba = np.clip(px.reshape(h, w, 4) * 255.0 + 0.5, 0, 255).astype(np.uint8)[::-1]  # Blender: bottom row first
     return encode_png(np.ascontiguousarray(rgba)), image.name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stylize texture mode: the artist's own mesh with the style baked onto its UV map
+def baked_material(old: Optional[bpy.types.Material], image: bpy.types.Image, uv_map: str) -> bpy.types.Material:
+    """A new material for a slot: a copy of ``old`` (or a plain one) whose Principled BSDF takes its Base Color from
+    ``image`` on the UV map ``uv_map``. ``old`` itself is left as it was (and kept in the file)."""
+    if old is not None:
+        mat = old.copy()
+        mat.name = fit_bytes(f"{old.name} stylized")
+        old.use_fake_user = True
+    else:
+        mat = bpy.data.materials.new(fit_bytes(f"{image.name} material"))
+    mat.use_nodes = True
+    nt = mat.node_tree
+    bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:
+        bsdf = nt.nodes.new("ShaderNodeBsdfPrincipled")
+        out = next((n for n in nt.nodes if n.type == "OUTPUT_MATERIAL"), None) or nt.nodes.new(
+            "ShaderNodeOutputMaterial")
+        nt.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    tex = nt.nodes.new("ShaderNodeTexImage")
+    tex.image = image
+    tex.name = tex.label = "Stepstone baked texture"
+    tex.location = (bsdf.location.x - 320, bsdf.location.y)
+    uvn = nt.nodes.new("ShaderNodeUVMap")
+    uvn.uv_map = uv_map
+    uvn.location = (tex.location.x - 220, tex.location.y)
+    nt.links.new(uvn.outputs["UV"], tex.inputs["Vector"])
+    nt.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    return mat
+
+
+def colour_material(old: Optional[bpy.types.Material]) -> bpy.types.Material:
+    """A copy of ``old`` (or a plain material) whose Base Color is the ``Col`` colour attribute."""
+    if old is None:
+        return vertex_color_material()
+    mat = old.copy()
+    mat.name = fit_bytes(f"{old.name} stylized")
+    old.use_fake_user = True
+    mat.use_nodes = True
+    nt = mat.node_tree
+    bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:
+        return vertex_color_material()
+    col = nt.nodes.new("ShaderNodeVertexColor")
+    col.layer_name = COLOR_ATTRIBUTE
+    col.location = (bsdf.location.x - 300, bsdf.location.y)
+    nt.links.new(col.outputs["Color"], bsdf.inputs["Base Color"])
+    return mat
+
+
+def _nearest(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """For each point of ``src`` the index of the nearest point of ``dst`` (numpy only; chunked)."""
+    out = np.empty(len(src), dtype=np.int64)
+    step = max(1, int(2e7 // max(len(dst), 1)))
+    for s in range(0, len(src), step):
+        d = ((src[s : s + step, None, :] - dst[None, :, :]) ** 2).sum(-1)
+        out[s : s + step] = d.argmin(axis=1)
+    return out
+
+
+def stylized_copy(src: bpy.types.Object, name: str, collection: Optional[bpy.types.Collection],
+                  offset: tuple[float, float, float], image: Optional[bpy.types.Image],
+                  vertices: Optional[np.ndarray], colors: Optional[np.ndarray], replace: bool) -> bpy.types.Object:
+    """The texture-mode result that keeps the artist's mesh: a copy of ``src`` (its own polygons, UV maps, material
+    slots and modifiers) placed ``offset`` beside it, or ``src`` itself when ``replace``; the style comes as the baked
+    ``image`` on the active UV map, or (no UV map) as a ``Col`` colour attribute from the per-vertex ``colors`` of
+    the evaluated ``vertices`` it was sent as. Each slot gets a new material; the old ones stay in the file."""
+    if replace:
+        obj = src
+    else:
+        obj = src.copy()
+        obj.data = src.data.copy()
+        obj.name = fit_bytes(name)
+        obj.data.name = obj.name
+        (collection or bpy.context.scene.collection).objects.link(obj)
+        obj.matrix_world = src.matrix_world.copy()
+        obj.location = tuple(a + b for a, b in zip(src.matrix_world.translation, offset))
+    me = obj.data
+    uv = me.uv_layers.active
+    slots = list(me.materials) if len(me.materials) else [None]
+    if image is not None and uv is not None:
+        mats = [baked_material(m, image, uv.name) for m in slots]
+    elif colors is not None and vertices is not None and len(vertices):
+        co = np.empty(len(me.vertices) * 3, dtype=np.float32)
+        me.vertices.foreach_get("co", co)
+        idx = _nearest(co.reshape(-1, 3), np.asarray(vertices, dtype=np.float32))
+        rgb = np.asarray(colors)[idx, :3].astype(np.float32) / 255.0
+        rgba = np.concatenate([rgb, np.ones((len(rgb), 1), np.float32)], axis=1)
+        attr = me.color_attributes.get(COLOR_ATTRIBUTE) or me.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR",
+                                                                                   "POINT")
+        attr.data.foreach_set("color_srgb", rgba.ravel())
+        me.color_attributes.active_color = attr
+        mats = [colour_material(m) for m in slots]
+    else:
+        return obj
+    if len(me.materials) == 0:
+        me.materials.append(mats[0])
+    else:
+        for i, m in enumerate(mats):
+            me.materials[i] = m
+    return obj
 
 
 def png_size(png: bytes) -> tuple[int, int]:

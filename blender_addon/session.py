@@ -479,6 +479,8 @@ class Session:
             return
         if job is not None:
             job.images.append(img.name)
+            if label == "baked texture":
+                job.baked_image = img.name
 
     def _on_done(self, msg, f) -> None:
         job = self._job_for(f)
@@ -561,6 +563,13 @@ class Session:
             if me.users == 0:
                 bpy.data.meshes.remove(me)
             return
+        if job.placement.keep_mesh:
+            if item.final and self._apply_kept_mesh(job, item, me):
+                return
+            if not item.final and job.placement.replace_source:  # the artist's mesh stays until the result is in
+                if me.users == 0:
+                    bpy.data.meshes.remove(me)
+                return
         scene.ensure_material(me)
         obj = self._slot_object(job, item.slot)
         if obj is None:
@@ -579,6 +588,51 @@ class Session:
                 scene.move_off_others(obj, ignore=set(job.slots.values()) | {job.placement.source or ""})
             self._push_undo(f"Stepstone: {job.label}" + ("" if item.slot == "result" else f" {item.slot}"))
         self._ui_dirty = True
+
+    def _apply_kept_mesh(self, job: JobRecord, item: MeshUpdateItem, me: bpy.types.Mesh) -> bool:
+        """Texture mode: the final result is the source's own mesh (polygons, UVs, materials kept) with the style
+        baked onto its UV map (or a colour attribute), beside the source or in it; the preview object goes."""
+        pl = job.placement
+        src = bpy.data.objects.get(pl.source or "")
+        if src is None or src.type != "MESH":
+            self.notice(f"{job.label}: the source object is gone; the result comes as a new triangle mesh")
+            return False
+        preview = self._slot_object(job, item.slot)
+        image = bpy.data.images.get(job.baked_image or "")
+        coll = None if pl.replace_source else self._job_collection(job)
+        verts = cols = None
+        if image is None:  # no UV map: per-vertex colours, read back from the built mesh (the frames are freed)
+            verts = np.empty(len(me.vertices) * 3, dtype=np.float32)
+            me.vertices.foreach_get("co", verts)
+            verts = verts.reshape(-1, 3)
+            attr = me.color_attributes.get(scene.COLOR_ATTRIBUTE)
+            if attr is not None and attr.domain == "POINT":
+                buf = np.empty(len(attr.data) * 4, dtype=np.float32)
+                attr.data.foreach_get("color_srgb", buf)
+                cols = np.clip(buf.reshape(-1, 4)[:, :3] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        obj = scene.stylized_copy(src, f"{job.label}", coll, pl.offset, image, verts, cols, pl.replace_source)
+        me_ptr = me.as_pointer()  # the stream may have updated the preview's own mesh in place
+        if preview is not None and preview is not obj and preview is not src:
+            old = preview.data
+            bpy.data.objects.remove(preview)
+            if old is not None and old.users == 0:
+                if old.as_pointer() == me_ptr:
+                    me_ptr = 0
+                bpy.data.meshes.remove(old)
+        if me_ptr and me.users == 0:
+            bpy.data.meshes.remove(me)
+        job.slots[item.slot] = obj.name
+        obj["stepstone_job"] = job.key
+        obj["stepstone_slot"] = item.slot
+        for k, v in item.info.items():
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                obj[f"stepstone_{k}"] = v
+        job.finals.add(item.slot)
+        if not pl.replace_source:
+            scene.move_off_others(obj, ignore={src.name})
+        self._push_undo(f"Stepstone: {job.label}")
+        self._ui_dirty = True
+        return True
 
     def _push_undo(self, message: str) -> None:
         """An undo step for a result that arrived from the timer: Ctrl-Z takes that result back out, and the

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from backend.errors import InputError, ModelUnavailable
-from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import Event, Image, JobContext, MeshInput, MeshUpdate, Progress
 from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class StylizeConfig:
     max_faces: int = DEFAULT_MAX_FACES  # input face limit
     checkpoint: bool = False  # recompute render chunks in backward (bounds memory for big renders)
     chunk: int = 32768  # rays rendered at a time
+    texture_size: int = 1024  # texture mode with a UV map: side of the baked image texture (0: vertex colours only)
 
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -111,6 +112,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "eval_views": (1, 32),
     "max_faces": (1, 2_000_000),
     "chunk": (256, 1 << 22),
+    "texture_size": (0, 4096),
 }
 
 
@@ -319,6 +321,93 @@ def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, b
             acc += color_fn((p + o * nn_).clamp(-0.5, 0.5))
         out[s : s + chunk] = (acc / len(offs)).cpu().numpy()
     return _to_u8(out)
+
+
+def _uv_texels(uvs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rasterise per-corner UV triangles (M, 3, 2) into a ``size`` x ``size`` image: for every covered texel its
+    row, column, triangle and barycentric weights (texel centres; row 0 is the top of the image, v = 1)."""
+    rows, cols, tris, bary = [], [], [], []
+    uv = np.asarray(uvs, dtype=np.float64) * size  # pixel units; v up
+    for t in range(len(uv)):
+        if t % 256 == 0:
+            cancel_checkpoint()
+        a, b, c = uv[t]
+        lo = np.floor(np.minimum(np.minimum(a, b), c) - 0.5).astype(int)
+        hi = np.ceil(np.maximum(np.maximum(a, b), c) + 0.5).astype(int)
+        lo = np.clip(lo, 0, size - 1)
+        hi = np.clip(hi, 0, size - 1)
+        if (hi < lo).any():
+            continue
+        xs, ys = np.meshgrid(np.arange(lo[0], hi[0] + 1) + 0.5, np.arange(lo[1], hi[1] + 1) + 0.5, indexing="xy")
+        px, py = xs.ravel(), ys.ravel()
+        den = (b[1] - c[1]) * (a[0] - c[0]) + (c[0] - b[0]) * (a[1] - c[1])
+        if abs(den) < 1e-12:
+            continue
+        w0 = ((b[1] - c[1]) * (px - c[0]) + (c[0] - b[0]) * (py - c[1])) / den
+        w1 = ((c[1] - a[1]) * (px - c[0]) + (a[0] - c[0]) * (py - c[1])) / den
+        w2 = 1.0 - w0 - w1
+        eps = -1e-6
+        inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
+        if not inside.any():
+            continue
+        rows.append((size - 1 - np.floor(py[inside])).astype(np.int64))
+        cols.append(np.floor(px[inside]).astype(np.int64))
+        tris.append(np.full(int(inside.sum()), t, dtype=np.int64))
+        bary.append(np.stack([w0[inside], w1[inside], w2[inside]], axis=1))
+    if not rows:
+        z = np.zeros(0, np.int64)
+        return z, z, z, np.zeros((0, 3))
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(tris), np.concatenate(bary)
+
+
+@torch.no_grad()
+def bake_texture(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: int, beta: float,
+                 device: str, chunk: int = 65_536) -> np.ndarray:
+    """The colour field baked onto a UV map: an (size, size, 4) uint8 RGBA image (alpha 0 outside the islands,
+    which are padded by a few texels so mip-mapping and filtering do not bleed the background in).
+
+    Each covered texel takes the colour of its surface point (barycentric on its triangle, unit cube), averaged
+    over ``beta / 2`` in front and behind along the face normal, like :func:`bake_vertex_colors`."""
+    from scipy import ndimage
+
+    v = np.asarray(vertices_unit, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    r, c, t, w = _uv_texels(uvs, size)
+    tri = v[f[t]]  # (K, 3, 3)
+    pts = np.einsum("kj,kjd->kd", w, tri)
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    rgb = np.zeros((len(pts), 3))
+    offs = (-0.5 * beta, 0.0, 0.5 * beta)
+    for s in range(0, len(pts), chunk):
+        cancel_checkpoint()
+        p = torch.as_tensor(pts[s : s + chunk], dtype=torch.float32, device=device)
+        nn_ = torch.as_tensor(n[s : s + chunk], dtype=torch.float32, device=device)
+        acc = torch.zeros_like(p)
+        for o in offs:
+            acc += color_fn((p + o * nn_).clamp(-0.5, 0.5))
+        rgb[s : s + chunk] = (acc / len(offs)).cpu().numpy()
+    img = np.zeros((size, size, 4), dtype=np.uint8)
+    img[r, c, :3] = _to_u8(rgb)
+    img[r, c, 3] = 255
+    covered = img[..., 3] > 0
+    if covered.any() and not covered.all():
+        cancel_checkpoint()
+        dist, (ir, ic) = ndimage.distance_transform_edt(~covered, return_indices=True)
+        pad = (~covered) & (dist <= max(2, size // 128))
+        img[pad, :3] = img[ir[pad], ic[pad], :3]
+        img[pad, 3] = 255
+    return img
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _occupancy_grid(field, beta: float) -> Tensor:
@@ -612,7 +701,19 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
                 yield st.remeshed(min(cfg.preview_resolution, cfg.grid_resolution), final=False)
     ctx.cancel.check()
     if cfg.mode == "texture":
+        mesh = inputs[0]
+        if mesh.uvs is not None and cfg.texture_size > 0:
+            # the artist's mesh keeps its UV map: the style goes onto it as an image texture (sent before the
+            # final mesh, so the client has it when it builds the result)
+            yield Progress("bake", 0, 1, f"baking a {cfg.texture_size}^2 texture onto the UV map")
+            rgba = bake_texture(st.color_fn, st.prep.vertices_unit, st.prep.faces, mesh.uvs, cfg.texture_size,
+                                cfg.beta, st.device)
+            yield Image(_png(rgba), "baked texture")
+            yield Progress("bake", 1, 1, "texture baked")
         out = st.texture_mesh(final=True)
+        if mesh.uvs is not None and cfg.texture_size > 0:
+            out.info["texture"] = "baked texture"
+            out.info["texture_size"] = cfg.texture_size
     else:
         out = st.remeshed(cfg.output_resolution or cfg.grid_resolution, final=True)
         if len(out.faces) == 0:
@@ -628,6 +729,6 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     if cfg.mode == "sds":
         info["prompt"] = st.prompt
     info.update({f"loss_{k}": v for k, v in terms.items()})
-    out.info = info
+    out.info = {**out.info, **info}
     log.info("stylize %s done in %.1fs: %s", cfg.mode, info["seconds"], info)
     yield out

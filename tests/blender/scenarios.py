@@ -286,11 +286,48 @@ def group_main(bpy, mod, args, results: dict) -> None:
         st.mode = "texture"
         st.strength = 0.5
         st.replace_source = False
+        artist = bpy.data.materials.new("ArtistMaterial")
+        artist.use_nodes = True
+        src.data.materials.append(artist)
         src_mesh = src.data.name
+        import numpy as np
+
+        def uv_data(me):
+            buf = np.empty(len(me.loops) * 2, np.float32)
+            me.uv_layers.active.uv.foreach_get("vector", buf)
+            return buf
+
+        def loop_totals(me):
+            buf = np.empty(len(me.polygons), np.int32)
+            me.polygons.foreach_get("loop_total", buf)
+            return buf.tolist()
+
+        src_polys, src_uv, src_totals = len(src.data.polygons), uv_data(src.data), loop_totals(src.data)
         assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
         job = s.jobs[0]
         d.until(lambda: d.job_settled(job), 300, "stylize job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
+        res = objs[0]
+        mat = res.data.materials[0] if len(res.data.materials) else None
+        tex = next((n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"), None) if mat and mat.use_nodes else None
+        img = tex.image if tex is not None else None
+        px = np.empty(int(img.size[0] * img.size[1] * 4), np.float32) if img is not None else None
+        if img is not None:
+            img.pixels.foreach_get(px)
+        out["kept"] = {
+            "polygons": [src_polys, len(res.data.polygons)], "loop_totals_equal": loop_totals(res.data) == src_totals,
+            "uv_maps": [[u.name for u in src.data.uv_layers], [u.name for u in res.data.uv_layers]],
+            "uv_equal": bool(len(res.data.uv_layers) and np.allclose(uv_data(res.data), src_uv)),
+            "modifiers": [m.type for m in res.modifiers], "source_material": [m.name for m in src.data.materials],
+            "result_material": mat.name if mat else None,
+            "texture": None if img is None else {"name": img.name, "size": list(img.size),
+                                                   "distinct": int(len(np.unique(np.round(px.reshape(-1, 4)[:, :3]
+                                                                                          * 255), axis=0))),
+                                                   "uv_node": next((n.uv_map for n in mat.node_tree.nodes
+                                                                    if n.type == "UVMAP"), None)},
+            "baked_image": job.baked_image, "preview_objects_left": [o.name for o in bpy.data.objects
+                                                                     if o.get("stepstone_job") == job.key
+                                                                     and o.name != res.name]}
         from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
 
         out.update({"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
@@ -298,6 +335,27 @@ def group_main(bpy, mod, args, results: dict) -> None:
                     "source_name": src.name, "preset": job.preset, "offset": list(job.placement.offset),
                     "overlaps_source": any(ascene._overlap(ascene.world_box(o), ascene.world_box(src)) for o in objs)})
         return out
+
+    @step(results, "stylize_no_uv")
+    def _():
+        """Texture mode on a mesh without a UV map: the same polygons, the style as a colour attribute."""
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.5, location=(6.0, 3.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "NoUVSource"
+        while len(src.data.uv_layers):
+            src.data.uv_layers.remove(src.data.uv_layers[0])
+        src.data.update()
+        bpy.context.view_layer.update()  # the evaluated mesh (what is sent) without the UV map too
+        st = scn.stepstone
+        st.mode = "texture"
+        assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "stylize job (no UV map)")
+        res = bpy.data.objects[list(job.slots.values())[0]]
+        return {"state": job.state, "error": job.error, "polygons": [len(src.data.polygons), len(res.data.polygons)],
+                "summary": mesh_summary(bpy, res), "baked_image": job.baked_image}
 
     @step(results, "gallery")
     def _():

@@ -19,7 +19,7 @@ TINY_OPTIONS = {
     "text-to-shape": {"iterations": 2, "views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16,
                       "preview_resolution": 12, "preview_every": 1},
     "stylize": {"iterations": 4, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 32,
-                "preview_every": 2, "eval_views": 2},
+                "preview_every": 2, "eval_views": 2, "texture_size": 64},
     # the backend's own "smoke" preset (seconds on a CPU), with a few more DSD steps so previews stream
     "gallery": {"preset": "smoke", "config": {"optimize": {"iterations": 4, "mesh_every": 2}}},
     "image-to-shape": {"config": {"mesh_resolution": 24, "steps": 4}},
@@ -122,12 +122,36 @@ def test_selection_is_evaluated_triangulated_and_limited(main_run):
     assert s["skipped"] == ["AnEmpty (empty, not a mesh)"] and s["n_payloads"] == 1
 
 
+def test_stylize_texture_mode_keeps_the_artists_mesh_and_bakes_a_texture(main_run):
+    s = step(main_run, "stylize")
+    assert s["state"] == "done", s["error"]
+    k = s["kept"]
+    # the source's own polygons (quads, not the triangles that were sent), UV map and modifiers
+    assert k["polygons"][0] == k["polygons"][1] == 6 and k["loop_totals_equal"]
+    assert k["uv_maps"][0] == k["uv_maps"][1] and k["uv_maps"][0] and k["uv_equal"]
+    assert k["modifiers"] == ["BEVEL"]
+    # a new material per slot with the baked image on the active UV map; the artist's material stays on the source
+    assert k["source_material"] == ["ArtistMaterial"] and k["result_material"] != "ArtistMaterial"
+    assert "ArtistMaterial" in k["result_material"]
+    t = k["texture"]
+    assert t is not None and t["size"] == [64, 64] and t["distinct"] > 4 and t["uv_node"] == k["uv_maps"][0][0]
+    assert k["baked_image"] == t["name"] and k["preview_objects_left"] == []
+
+
+def test_stylize_texture_mode_without_uvs_uses_a_colour_attribute(main_run):
+    s = step(main_run, "stylize_no_uv")
+    assert s["state"] == "done", s["error"]
+    assert s["polygons"] == [6, 6] and s["baked_image"] is None
+    ca = s["summary"]["colour_attribute"]
+    assert ca is not None and ca["domain"] == "POINT"
+    assert s["summary"]["material_uses_attribute"]
+
+
 def test_stylize_result_keeps_source_transform(main_run):
     s = step(main_run, "stylize")
     assert s["state"] == "done", s["error"]
     assert len(s["objects"]) == 1
     o = s["objects"][0]
-    _check_object(o)
     assert o["name"] != s["source_name"] and s["source_mesh_kept"]
     # the source's rotation and scale, placed beside it (not z-fighting on top): its translation moved by the offset
     m, src = np.array(o["matrix_world"]), np.array(s["source_matrix"])
