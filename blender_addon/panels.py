@@ -155,12 +155,16 @@ class STEPSTONE_PT_jobs(_Panel, bpy.types.Panel):
             box = layout.box()
             head = box.row()
             title = f"{job.workflow}: {job.label}" + (f" ({job.preset})" if job.preset else "")
-            head.label(text=textfit.wrap(title, _width(context) - 6)[0] if title else "")
+            title_lines = textfit.wrap(title, _width(context) - 6) or [""]
+            head.label(text=title_lines[0])  # the rest of a long title on the lines below: nothing is cut
             info = head.operator("stepstone.job_info", text="", icon="INFO")
             info.job = job.key
             if job.active:
                 op = head.operator("stepstone.cancel", text="", icon="CANCEL")
                 op.job = job.key
+            for line in title_lines[1:]:
+                box.label(text=line)
+            if job.active:
                 box.progress(factor=job.fraction, type="BAR", text=f"{int(round(100 * job.fraction))}%")
                 label_wrapped(box, context, job.status_line())
             else:
@@ -182,10 +186,13 @@ class STEPSTONE_PT_jobs(_Panel, bpy.types.Panel):
             for info in older[-8:][::-1]:
                 params = info.get("params") or {}
                 text = params.get("prompt") or params.get("style") or info.get("job", "")
+                lines = textfit.wrap(f"{info.get('workflow', '?')}: {text}", _width(context) - 4) or [""]
                 r = box.row()
-                r.label(text=textfit.wrap(f"{info.get('workflow', '?')}: {text}", _width(context) - 4)[0])
+                r.label(text=lines[0])
                 op = r.operator("stepstone.reimport", text="", icon="IMPORT")
                 op.job = info.get("job", "")
+                for line in lines[1:]:
+                    box.label(text=line)
 
 
 def _width(context) -> int:

@@ -134,6 +134,13 @@ def test_stylize_at_its_default_preset_runs_under_8_gb_on_the_starter_profile(tm
                   f"(estimate {est / GIB:.1f} GiB)")
             assert peak < 8 * GIB
             assert peak <= est, "the estimate must stay an upper bound of the measured peak"
+            # the time is remembered for this backend: the next client's panel shows it as measured
+            c2 = b.client(name="presets-2")
+            try:
+                p2 = c2.welcome["presets"]["stylize"]["presets"][preset]
+                assert p2["measured"] is True and 0 < p2["seconds"] <= elapsed + 1
+            finally:
+                c2.close()
         finally:
             c.close()
 

@@ -430,6 +430,73 @@ def group_main(bpy, mod, args, results: dict) -> None:
                 "collection_left": bpy.data.collections.get(coll) is not None,
                 "objects_of_job": [o.name for o in bpy.data.objects if o.get("stepstone_job") == job.key]}
 
+    @step(results, "panels_draw")
+    def _():
+        """Every panel's draw function on the real session and scene. Background mode has no UI layout, so the
+        panels draw into a recorder that keeps what they put in it; the check is that long messages come whole
+        (wrapped to the region's width, nothing dropped) and that no line is wider than the region."""
+        from bl_ext.user_default.stepstone import panels as apanels  # type: ignore[import-not-found]
+        from bl_ext.user_default.stepstone.jobs import JobRecord  # type: ignore[import-not-found]
+
+        class Recorder:
+            def __init__(self, sink):
+                self.sink = sink
+                self.enabled = True
+
+            def _child(self, *a, **k):
+                return Recorder(self.sink)
+
+            row = column = box = split = _child
+
+            def label(self, text="", icon="NONE", **k):
+                self.sink.append(text)
+
+            def prop(self, *a, **k):
+                pass
+
+            def operator(self, *a, **k):
+                class Op:
+                    pass
+                return Op()
+
+            def progress(self, **k):
+                self.sink.append(k.get("text", ""))
+
+            def template_ID(self, *a, **k):
+                pass
+
+        class Region:
+            width = 300
+
+        class Ctx:
+            scene = bpy.context.scene
+            region = Region()
+            preferences = bpy.context.preferences
+            active_object = bpy.context.active_object
+            selected_objects = list(bpy.context.selected_objects)
+
+        hint = ("the starter set has no text-to-image model and stabilityai/stable-diffusion-2-1-base is not "
+                "downloaded \u2014 run `python -m backend models download diffusion` on the backend's machine")
+        s.notice(hint)
+        failed = JobRecord(request_id="long", workflow="stylize", label="a very long label " * 4)
+        failed.finish("failed", "The backend ran out of memory while running stylize at the Paper preset. Choose "
+                                "the Standard preset, or close other programs on the backend's machine, and run "
+                                "it again.")
+        s.jobs.append(failed)
+        out = {}
+        try:
+            for cls in apanels.classes:
+                sink: list = []
+                fake = type("P", (), {"layout": Recorder(sink)})()
+                cls.draw(fake, Ctx())
+                out[cls.__name__] = sink
+        finally:
+            s.jobs.remove(failed)
+        width = apanels._width(Ctx())
+        every = [t for sink in out.values() for t in sink]
+        return {"width": width, "longest": max(len(t) for t in every), "text": " ".join(every), "hint": hint,
+                "error": failed.error, "label": failed.label.strip(), "panels": sorted(out)}
+
     @step(results, "undo")
     def _():
         """What Ctrl-Z does after a result arrived from the timer (background mode has no window: ed.undo may be

@@ -197,6 +197,15 @@ def test_cancel_stops_a_running_job_and_removes_its_preview(main_run):
     assert not s["preview_left"] and not s["collection_left"] and s["objects_of_job"] == []
 
 
+def test_panels_show_whole_messages_wrapped_to_the_region(main_run):
+    s = step(main_run, "panels_draw")
+    assert "STEPSTONE_PT_image" in s["panels"] and "STEPSTONE_PT_jobs" in s["panels"]
+    assert s["longest"] <= s["width"]
+    text = " ".join(s["text"].split())
+    for whole in (s["hint"], s["error"], s["label"]):
+        assert " ".join(whole.split()) in text, whole  # nothing cut: the fix command and the em-dash included
+
+
 def test_undo_after_a_result_arrived(main_run):
     s = step(main_run, "undo")
     assert s["exists_before_undo"] and s["pushed_before"] is True
