@@ -143,8 +143,10 @@ def apply_preset(workflow: str, params: dict, device: str,
         name = default_preset(workflow, device, params, budget)
     base = preset_params(workflow, name)
     if workflow == "gallery":
+        user_cfg = params.get("config")
+        if user_cfg is not None and not isinstance(user_cfg, dict):
+            raise InputError(f"gallery: config must be a mapping of stage sizes, got {type(user_cfg).__name__}")
         params["preset"] = base["preset"]
-        user_cfg = params.get("config") if isinstance(params.get("config"), dict) else {}
         params["config"] = _deep_merge(base["config"], user_cfg or {})
         return params, name
     for k, v in base.items():

@@ -41,6 +41,7 @@ def remove_small_components(
     f = faces.astype(np.int64)
     rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
     cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    cancel_checkpoint()
     graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
     n_comp, label = connected_components(graph, directed=False)
     if n_comp <= 1:

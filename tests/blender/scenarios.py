@@ -336,6 +336,35 @@ def group_main(bpy, mod, args, results: dict) -> None:
                     "overlaps_source": any(ascene._overlap(ascene.world_box(o), ascene.world_box(src)) for o in objs)})
         return out
 
+    @step(results, "replace_cancel")
+    def _():
+        """Stylize with "Replace source mesh", cancelled while its previews stream into the source: the artist's
+        own mesh comes back."""
+        src = bpy.data.objects.get("StyleSource")
+        if src is None:
+            raise RuntimeError("the stylize step did not run")
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        src.select_set(True)
+        bpy.context.view_layer.objects.active = src
+        st = scn.stepstone
+        st.mode = "shape"
+        st.replace_source = True
+        original = src.data.name
+        slow = dict(json.loads(opts("stylize")), iterations=4000, preview_every=1, preview_resolution=16)
+        assert bpy.ops.stepstone.stylize(options=json.dumps(slow)) == {"FINISHED"}
+        job = s.jobs[0]
+        try:
+            d.until(lambda: src.data.name != original, 120, "a preview streamed into the source")
+            during = src.data.name
+            assert bpy.ops.stepstone.cancel(job=job.key) == {"FINISHED"}
+            d.until(lambda: d.job_settled(job) and not job.cleanup_pending, 60, "cancellation")
+        finally:
+            st.replace_source = False
+            st.mode = "texture"
+        return {"state": job.state, "original": original, "during": during, "after": src.data.name,
+                "fake_user": bpy.data.meshes[original].use_fake_user, "preview_mesh_left": during in bpy.data.meshes}
+
     @step(results, "stylize_no_uv")
     def _():
         """Texture mode on a mesh without a UV map: the same polygons, the style as a colour attribute."""

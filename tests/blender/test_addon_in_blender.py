@@ -138,6 +138,12 @@ def test_stylize_texture_mode_keeps_the_artists_mesh_and_bakes_a_texture(main_ru
     assert k["baked_image"] == t["name"] and k["preview_objects_left"] == []
 
 
+def test_a_cancelled_stylize_that_replaced_the_source_gives_its_mesh_back(main_run):
+    s = step(main_run, "replace_cancel")
+    assert s["state"] == "cancelled" and s["during"] != s["original"]
+    assert s["after"] == s["original"] and not s["fake_user"] and not s["preview_mesh_left"]
+
+
 def test_stylize_texture_mode_without_uvs_uses_a_colour_attribute(main_run):
     s = step(main_run, "stylize_no_uv")
     assert s["state"] == "done", s["error"]
