@@ -549,6 +549,30 @@ def group_main(bpy, mod, args, results: dict) -> None:
             out["exists_after_undo"] = bpy.data.objects.get(name) is not None
         except RuntimeError as exc:
             out["undo"] = f"refused: {exc}"
+            return out
+        # ... and after a stylize (texture mode: a copy of the source with a baked texture, beside it)
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.4, location=(-6.0, 4.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "UndoSource"
+        bpy.ops.ed.undo_push(message="add the source")
+        st = bpy.context.scene.stepstone
+        st.mode, st.replace_source = "texture", False
+        assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 120, "stylize job to undo")
+        res = list(job.slots.values())[0]
+        out["stylize_result_before_undo"] = bpy.data.objects.get(res) is not None
+        out["stylize_undo"] = sorted(bpy.ops.ed.undo())
+        out["stylize_result_after_undo"] = bpy.data.objects.get(res) is not None
+        src = bpy.data.objects.get("UndoSource")
+        out["source_after_undo"] = None if src is None else {"polygons": len(src.data.polygons),
+                                                             "materials": [m.name for m in src.data.materials if m]}
+        # the timer keeps running after an undo: a later tick must not bring the result back or fail
+        for _ in range(20):
+            s.tick()
+        out["stylize_result_after_ticks"] = bpy.data.objects.get(res) is not None
         return out
 
     @step(results, "image_to_shape")

@@ -220,6 +220,10 @@ def test_undo_after_a_result_arrived(main_run):
     if isinstance(s["undo"], str):  # background mode: no window to undo in; recorded, not claimed
         pytest.skip(f"bpy.ops.ed.undo in background mode: {s['undo']}")
     assert s["undo"] == ["FINISHED"] and not s["exists_after_undo"], s
+    # Ctrl-Z after a stylize takes the stylized copy out and leaves the source as it was
+    assert s["stylize_result_before_undo"] and s["stylize_undo"] == ["FINISHED"]
+    assert not s["stylize_result_after_undo"] and not s["stylize_result_after_ticks"]
+    assert s["source_after_undo"] == {"polygons": 6, "materials": []}
 
 
 def test_image_to_shape_from_an_image_datablock(main_run):
