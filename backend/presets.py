@@ -76,9 +76,9 @@ WORKFLOWS = ("text-to-shape", "stylize", "gallery")
 # Measured on this project's 2-core CPU (one busy thread), ``tests/test_presets.py`` and the README: rough seconds
 # of a default job per preset, shown in the panel next to the preset (``None``: not measured; hours).
 CPU_SECONDS = {
-    "text-to-shape": {"draft": 45, "standard": 120, "paper": None},
-    "stylize": {"draft": 20, "standard": 60, "paper": None},
-    "gallery": {"draft": 150, "standard": None, "paper": None},
+    "text-to-shape": {"draft": 30, "standard": 50, "paper": None},  # measured: standard 46-48 s (starter)
+    "stylize": {"draft": 20, "standard": 45, "paper": None},  # measured: standard 37-45 s (starter, 1k faces)
+    "gallery": {"draft": 40, "standard": None, "paper": None},  # measured: draft 37 s (tiny, 3 items)
 }
 
 # ------------------------------------------------------------------------------------------------ memory model
@@ -192,6 +192,7 @@ def estimate_peak_bytes(workflow: str, params: dict, base_bytes: float = BASE_BY
         render = rays * samples * 64
         total = base_bytes + dec + render + views * VIEW_BYTES + _num(params, "resolution", 128) ** 3 * 16
         total += (variants - 1) * 32 * 2**20
+        total += 512 * 2**20  # SVR decoder, mapper and prior, stage-1 batches: measured 1.46 GiB peak at standard
         return int(total), f"{int(views)} views x {int(res)}^2 pixels x {int(samples)} samples"
     if workflow == "gallery":
         cfg = _gallery_sizes(params)

@@ -113,15 +113,30 @@ def _mesh(m: trimesh.Trimesh, name: str) -> dict:
             "matrix_world": None}
 
 
+def _reset_peak(pid: int) -> None:
+    """Reset the process's VmHWM to its current RSS (Linux: ``5 > /proc/<pid>/clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_stylize_at_its_default_preset_runs_under_8_gb_on_the_starter_profile(tmp_path):
-    """The sidebar's stylize (no options: the backend's default preset) on the starter profile, CPU; issue 16 saw
-    22.9 GB and an out-of-memory kill here."""
+def test_default_presets_run_under_8_gb_on_the_starter_profile(tmp_path):
+    """The sidebar's stylize and generate (no options: the backend's default preset) on the starter profile, CPU;
+    issue 16 saw stylize grow the backend to 22.9 GB and get killed here. Peak RSS per job from /proc."""
     with BackendProcess(tmp_path / "b", profile="starter", heartbeat_s=0.5) as b:
         c = b.client(name="presets")
         try:
             w = c.welcome["presets"]
+            assert w["text-to-shape"]["default"] == "standard"
+            acc, msgs, elapsed = _run(c, "text-to-shape", {"prompt": "a tall red chair", "variants": 1,
+                                                           "quality": "fast", "seed": 0})
+            assert msgs[-1].kind == P.DONE, msgs[-1].fields
+            peak = _vm(b.pid, "VmHWM")
+            est = w["text-to-shape"]["presets"][acc["preset"]]["peak_gib"] * GIB
+            print(f"\ntext-to-shape default preset {acc['preset']}: {elapsed:.0f} s, backend peak RSS "
+                  f"{peak / GIB:.2f} GiB (estimate {est / GIB:.1f} GiB)")
+            assert peak < 8 * GIB and peak <= est
+            _reset_peak(b.pid)
             assert w["stylize"]["default"] in ("standard", "draft")
             sphere = trimesh.creation.uv_sphere(radius=0.5, count=[24, 24])
             acc, msgs, elapsed = _run(c, "stylize", {"style": "made of rusty metal", "mode": "texture",
