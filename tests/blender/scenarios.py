@@ -146,7 +146,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
     """Connect, generate, re-import, stylize, gallery, cancel, selection errors, unregister."""
     d = Driver(bpy, mod)
     s = d.s
-    scn = bpy.context.scene
+    # an undo replaces the Scene datablock: always look the scene up again (no stale reference)
     options = json.loads(args.options or "{}")
 
     def opts(workflow: str) -> str:
@@ -178,8 +178,8 @@ def group_main(bpy, mod, args, results: dict) -> None:
     def _():
         wf = generate_workflow()
         before = set(bpy.data.objects.keys())
-        scn.cursor.location = (0.0, 0.0, 0.0)
-        st = scn.stepstone
+        bpy.context.scene.cursor.location = (0.0, 0.0, 0.0)
+        st = bpy.context.scene.stepstone
         st.spacing = 2.0
         if wf == "text-to-shape":
             st.prompt = "a chair"
@@ -241,7 +241,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
         me = bpy.data.meshes.new("quad")
         me.from_pydata([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)], [], [(0, 1, 2, 3)])
         ob = bpy.data.objects.new("Quad", me)
-        scn.collection.objects.link(ob)
+        bpy.context.scene.collection.objects.link(ob)
         mod_ = ob.modifiers.new("sub", "SUBSURF")
         mod_.levels = 2
         dg = bpy.context.evaluated_depsgraph_get()
@@ -252,7 +252,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
         except ascene.SelectionError as exc:
             err = str(exc)
         empty = bpy.data.objects.new("AnEmpty", None)
-        scn.collection.objects.link(empty)
+        bpy.context.scene.collection.objects.link(empty)
         payloads, skipped = ascene.selection_payloads([ob, empty], dg)
         bpy.data.objects.remove(empty)
         bpy.data.objects.remove(ob)
@@ -281,7 +281,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
         if not ok:
             out["poll"] = bpy.ops.stepstone.stylize.poll()
             raise RuntimeError(f"stylize unavailable: {why}")
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.style = "made of gold"
         st.mode = "texture"
         st.strength = 0.5
@@ -347,7 +347,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
             o.select_set(False)
         src.select_set(True)
         bpy.context.view_layer.objects.active = src
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.mode = "shape"
         st.replace_source = True
         original = src.data.name
@@ -365,6 +365,38 @@ def group_main(bpy, mod, args, results: dict) -> None:
         return {"state": job.state, "original": original, "during": during, "after": src.data.name,
                 "fake_user": bpy.data.meshes[original].use_fake_user, "preview_mesh_left": during in bpy.data.meshes}
 
+    @step(results, "replace_texture")
+    def _():
+        """Texture mode with "Replace source mesh": the source keeps its mesh and gets the baked material; the
+        artist's material stays in the file; Ctrl-Z gives the old material back."""
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.4, location=(8.0, -3.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "ReplaceTextureSource"
+        mat = bpy.data.materials.new("ReplaceArtistMaterial")
+        src.data.materials.append(mat)
+        mesh_name = src.data.name
+        bpy.ops.ed.undo_push(message="source ready")
+        st = bpy.context.scene.stepstone
+        st.mode, st.replace_source = "texture", True
+        try:
+            assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+            job = s.jobs[0]
+            d.until(lambda: d.job_settled(job), 120, "replace-texture stylize")
+        finally:
+            bpy.context.scene.stepstone.replace_source = False
+        src = bpy.data.objects["ReplaceTextureSource"]
+        out = {"state": job.state, "error": job.error, "same_mesh": src.data.name == mesh_name,
+               "polygons": len(src.data.polygons), "material": src.data.materials[0].name,
+               "has_texture": any(n.type == "TEX_IMAGE" for n in src.data.materials[0].node_tree.nodes)
+               if src.data.materials[0].use_nodes else False,
+               "artist_material_kept": "ReplaceArtistMaterial" in bpy.data.materials}
+        out["undo"] = sorted(bpy.ops.ed.undo())
+        src = bpy.data.objects["ReplaceTextureSource"]
+        out["material_after_undo"] = src.data.materials[0].name
+        return out
+
     @step(results, "stylize_no_uv")
     def _():
         """Texture mode on a mesh without a UV map: the same polygons, the style as a colour attribute."""
@@ -377,7 +409,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
             src.data.uv_layers.remove(src.data.uv_layers[0])
         src.data.update()
         bpy.context.view_layer.update()  # the evaluated mesh (what is sent) without the UV map too
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.mode = "texture"
         assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
         job = s.jobs[0]
@@ -398,10 +430,10 @@ def group_main(bpy, mod, args, results: dict) -> None:
         bpy.ops.mesh.primitive_uv_sphere_add(radius=0.4, location=(-4, 0, 0), segments=16, ring_count=8)
         b = bpy.context.active_object
         cam = bpy.data.objects.new("GalleryCam", bpy.data.cameras.new("GalleryCam"))
-        scn.collection.objects.link(cam)
+        bpy.context.scene.collection.objects.link(cam)
         for o in (a, b, cam):
             o.select_set(True)
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.count = 3
         st.subjects = "tower, gate"
         st.spacing = 1.5

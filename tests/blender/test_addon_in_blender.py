@@ -144,6 +144,14 @@ def test_a_cancelled_stylize_that_replaced_the_source_gives_its_mesh_back(main_r
     assert s["after"] == s["original"] and not s["fake_user"] and not s["preview_mesh_left"]
 
 
+def test_stylize_texture_mode_replacing_the_source_changes_only_its_material_undoably(main_run):
+    s = step(main_run, "replace_texture")
+    assert s["state"] == "done", s["error"]
+    assert s["same_mesh"] and s["polygons"] == 6
+    assert s["material"] != "ReplaceArtistMaterial" and s["has_texture"] and s["artist_material_kept"]
+    assert s["undo"] == ["FINISHED"] and s["material_after_undo"] == "ReplaceArtistMaterial"
+
+
 def test_stylize_texture_mode_without_uvs_uses_a_colour_attribute(main_run):
     s = step(main_run, "stylize_no_uv")
     assert s["state"] == "done", s["error"]
