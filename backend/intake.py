@@ -217,7 +217,8 @@ def image_size(raw: bytes) -> tuple[int, int]:
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
         raise InputError(f"the image is larger than {MAX_IMAGE_PIXELS:,} pixels") from None
     except Exception as exc:
-        raise InputError(f"the image cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+        raise InputError("the image cannot be read: it is not a PNG, JPEG, WebP or BMP file the backend can decode "
+                         "(or it is damaged); save it as PNG and try again") from None
 
 
 def check_image_b64(data: str, what: str) -> None:

@@ -440,7 +440,9 @@ class JobManager:
             raise
         except Exception as exc:
             log.warning("%s: validate failed on its parameters:\n%s", workflow, traceback.format_exc())
-            raise InputError(f"{workflow}: invalid parameters ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise InputError(f"{workflow}: the backend could not read these options (its log has the details); "
+                             f"check them against `python -m backend run {workflow} --help`, or leave the advanced "
+                             "options out") from None
         check_resources(workflow, out, self.device)
         check_memory(workflow, {**out, "exemplars": len(inputs)} if workflow == "gallery" else out, preset,
                      self.device, budget)
