@@ -11,8 +11,9 @@ The zip holds the package ``stepstone/`` (the ``blender_manifest.toml`` at its r
 
 Usage::
 
-    python build_addon.py                                   # all platforms, Python 3.11 (Blender 4.2 - 5.0)
-    python build_addon.py --python-version 3.13              # Blender 5.1+ (Python 3.13 wheels)
+    python build_addon.py                                   # one zip per Blender Python, all platforms:
+                                                            #   Python 3.11 (Blender 4.2 - 5.0), 3.13 (5.1+)
+    python build_addon.py --python-version 3.13              # only Blender 5.1+ (Python 3.13 wheels)
     python build_addon.py --platforms linux-x64 --out /tmp/x # quick linux-only build (tests)
 
 Install the zip in Blender with Edit > Preferences > Get Extensions > Install from Disk.
@@ -49,8 +50,11 @@ PLATFORMS: dict[str, list[str]] = {
     "macos-arm64": ["macosx_11_0_arm64"],
     "macos-x64": ["macosx_10_15_x86_64"],
 }
-# Python version -> lowest Blender that ships it
+# Python version -> lowest Blender that ships it, and the first Blender that no longer does (the manifest's
+# blender_version_max is exclusive: a zip built for Python 3.11 must not install on 5.1+, whose Python 3.13 cannot
+# load its pyzmq wheel). None: no upper bound known yet.
 BLENDER_MIN = {"3.11": "4.2.0", "3.13": "5.1.0"}
+BLENDER_MAX: dict[str, str | None] = {"3.11": "5.1.0", "3.13": None}
 
 
 class BuildError(Exception):
@@ -124,9 +128,15 @@ def _toml_list(items: list[str]) -> str:
     return "[\n" + "".join(f'  "{i}",\n' for i in items) + "]"
 
 
-def write_manifest(src: Path, dst: Path, *, wheels: list[str], platforms: list[str], blender_min: str) -> None:
-    """Copy the manifest, replacing ``wheels``, ``platforms`` and ``blender_version_min``."""
+def write_manifest(src: Path, dst: Path, *, wheels: list[str], platforms: list[str], blender_min: str,
+                   blender_max: str | None = None) -> None:
+    """Copy the manifest, replacing ``wheels``, ``platforms``, ``blender_version_min`` and setting (or leaving out)
+    ``blender_version_max``."""
     text = src.read_text(encoding="utf-8")
+    text = re.sub(r'^blender_version_max\s*=\s*"[^"]*"\n', "", text, flags=re.M)
+    if blender_max:
+        text = re.sub(r'^(blender_version_min\s*=\s*"[^"]*"\n)', rf'\1blender_version_max = "{blender_max}"\n', text,
+                      count=1, flags=re.M)
     text, n1 = re.subn(r"^wheels\s*=\s*\[[^\]]*\]", "wheels = " + _toml_list(wheels), text, flags=re.M)
     text, n2 = re.subn(r"^platforms\s*=\s*\[[^\]]*\]", "platforms = " + _toml_list(platforms), text, flags=re.M)
     text, n3 = re.subn(r'^blender_version_min\s*=\s*"[^"]*"', f'blender_version_min = "{blender_min}"', text, flags=re.M)
@@ -181,7 +191,8 @@ def build(*, platforms: list[str], python_version: str = "3.11", out_dir: Path =
             shutil.copy2(whl, wheel_dir / whl.name)
             wheel_names.append(whl.name)
     write_manifest(manifest_src, stage / "blender_manifest.toml", wheels=[f"./wheels/{w}" for w in wheel_names],
-                   platforms=list(platforms), blender_min=BLENDER_MIN[python_version])
+                   platforms=list(platforms), blender_min=BLENDER_MIN[python_version],
+                   blender_max=BLENDER_MAX[python_version])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if python_version == "3.11" else f"-py{python_version.replace('.', '')}"
@@ -204,22 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--platforms", default=",".join(PLATFORMS),
                     help=f"comma separated, from: {', '.join(PLATFORMS)} (default: all)")
-    ap.add_argument("--python-version", default="3.11", choices=sorted(BLENDER_MIN),
-                    help="3.11 for Blender 4.2-5.0 (default), 3.13 for Blender 5.1+")
+    ap.add_argument("--python-version", default="all", choices=["all", *sorted(BLENDER_MIN)],
+                    help="all: one zip per Blender Python (default); 3.11 for Blender 4.2-5.0, 3.13 for 5.1+")
     ap.add_argument("--out", default=str(ROOT / "dist"), help="output folder (default: dist/)")
     ap.add_argument("--cache", default=str(ROOT / "build" / "wheels"), help="wheel cache folder")
     ap.add_argument("--pyzmq-version", default=None, help="default: the version in uv.lock")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+    versions = sorted(BLENDER_MIN) if args.python_version == "all" else [args.python_version]
     try:
-        path = build(platforms=platforms, python_version=args.python_version, out_dir=Path(args.out),
-                     cache=Path(args.cache), pyzmq_version=args.pyzmq_version,
-                     stage_dir=Path(args.out) / ".stage")
+        for pv in versions:
+            path = build(platforms=platforms, python_version=pv, out_dir=Path(args.out), cache=Path(args.cache),
+                         pyzmq_version=args.pyzmq_version, stage_dir=Path(args.out) / ".stage")
+            hi = BLENDER_MAX[pv]
+            print(f"{path}  (Blender {BLENDER_MIN[pv]}{' up to, not including, ' + hi if hi else '+'})")
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(path)
     return 0
 
 

@@ -46,6 +46,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     params, inputs = wf.params_from_args(args)
     device = resolve_device(args.device)
     profile = load_profile(args.profile, device=device)
+    if args.workflow == "stylize":  # quality presets that fit this machine (backend.presets)
+        from backend.presets import apply_preset, check_memory
+
+        params, preset = apply_preset(args.workflow, params, device)
+        check_memory(args.workflow, params, preset, device)
     params = wf.validate(params, inputs, profile=profile)
     ctx = JobContext(profile=profile, device=device, seed=args.seed)
     finals: dict[str, MeshUpdate] = {}

@@ -70,6 +70,28 @@ class CancelToken:
             raise Cancelled(self.reason or "cancelled by request")
 
 
+# The token of the job this thread runs, so that inner loops that know nothing of jobs (renderer chunks, sampler
+# steps, SDF slabs, marching cubes) can stop within a fraction of a second: they call :func:`checkpoint`.
+_CURRENT = threading.local()
+
+
+def set_current_cancel(token: Optional["CancelToken"]) -> None:
+    """Make ``token`` the one :func:`checkpoint` checks in this thread (None: no job)."""
+    _CURRENT.token = token
+
+
+def current_cancel() -> Optional["CancelToken"]:
+    return getattr(_CURRENT, "token", None)
+
+
+def checkpoint() -> None:
+    """Raise :class:`Cancelled` when the job running in this thread was cancelled (cheap: one attribute read and
+    one ``Event.is_set``); a no-op outside a job. Called inside every loop that can run longer than ~0.1 s."""
+    tok = getattr(_CURRENT, "token", None)
+    if tok is not None and tok._event.is_set():
+        raise Cancelled(tok.reason or "cancelled by request")
+
+
 @dataclass
 class MeshInput:
     """A mesh sent with a request (selected Blender object or file), in its local space plus its world matrix."""
@@ -79,6 +101,7 @@ class MeshInput:
     faces: np.ndarray
     colors: Optional[np.ndarray] = None
     matrix_world: Optional[np.ndarray] = None  # (4, 4) float64, row-major
+    uvs: Optional[np.ndarray] = None  # (M, 3, 2) float32: the active UV map at each face corner (texture baking)
 
 
 @dataclass

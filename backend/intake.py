@@ -141,9 +141,18 @@ def parse_meshes(descs: Any, arrays: dict) -> list[MeshInput]:
             mw = np.asarray(mw, dtype=np.float64).reshape(4, 4)
             if not np.isfinite(mw).all():
                 raise InputError(f"mesh {name!r}: matrix_world has NaN or infinite entries")
+        uv = arrays.get(f"mesh{i}.uvs")
+        if uv is not None:
+            uv = np.asarray(uv)
+            if uv.dtype != np.float32 or uv.shape != (len(f), 3, 2):
+                raise InputError(f"mesh {name!r}: uvs must be float32 of shape ({len(f)}, 3, 2), one UV per face "
+                                 f"corner; got {uv.dtype} {tuple(uv.shape)}")
+            if not np.isfinite(uv).all():
+                raise InputError(f"mesh {name!r}: its UV map has NaN or infinite coordinates")
         # copy out of the ZeroMQ frame: the job outlives the message
         inputs.append(MeshInput(name=name, vertices=np.array(v, np.float32), faces=np.array(f, np.uint32),
-                                colors=None if c is None else np.array(c, np.uint8), matrix_world=mw))
+                                colors=None if c is None else np.array(c, np.uint8), matrix_world=mw,
+                                uvs=None if uv is None else np.array(uv, np.float32)))
     return inputs
 
 
@@ -208,7 +217,8 @@ def image_size(raw: bytes) -> tuple[int, int]:
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
         raise InputError(f"the image is larger than {MAX_IMAGE_PIXELS:,} pixels") from None
     except Exception as exc:
-        raise InputError(f"the image cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+        raise InputError("the image cannot be read: it is not a PNG, JPEG, WebP or BMP file the backend can decode "
+                         "(or it is damaged); save it as PNG and try again") from None
 
 
 def check_image_b64(data: str, what: str) -> None:
@@ -275,6 +285,10 @@ def check_resources(workflow: str, params: dict, device: str, budget: Optional[t
     subjects = params.get("subjects")
     if isinstance(subjects, list) and len(subjects) > MAX_GALLERY_ITEMS:
         raise InputError(f"{workflow}: {len(subjects):,} subjects; at most {MAX_GALLERY_ITEMS} per job")
+    from backend.presets import WORKFLOWS as PRESET_WORKFLOWS
+
+    if workflow in PRESET_WORKFLOWS:  # a calibrated estimate per preset: backend.presets.check_memory
+        return
     need, what = estimate_peak_bytes(params)
     if not need:
         return

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from backend.errors import Cancelled, InputError, ModelUnavailable, StepstoneError
-from backend.events import CancelToken, Image, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import CancelToken, Image, JobContext, MeshInput, MeshUpdate, Progress, set_current_cancel
 from shared import protocol as P
 from shared.atomic import fsync_dir, write_atomic
 from shared.mesh import as_mesh_arrays
@@ -96,6 +96,7 @@ class Job:
     results: list = field(default_factory=list)  # [{"name", "file", "vertices", "faces", "info"}]
     backend_id: str = ""
     seq: int = 0
+    preset: Optional[str] = None  # the quality preset it runs at (backend.presets), None where there are none
     cancel: CancelToken = field(default_factory=CancelToken)
 
     def summary(self) -> dict:
@@ -111,6 +112,7 @@ class Job:
             "results": [r["name"] for r in self.results],
             "backend_id": self.backend_id,
             "params": self.params,
+            "preset": self.preset,
         }
 
 
@@ -342,9 +344,39 @@ class JobManager:
         self._stopping = False
         self._shutdown_reason = ""
         self._current: Optional[Job] = None
+        self.timings: dict[str, float] = self._load_timings()  # "profile/workflow/preset" -> seconds, measured here
         self._reload()
         self._worker = threading.Thread(target=self._work, name="stepstone-gpu-worker", daemon=True)
         self._worker.start()
+
+    # ------------------------------------------------------------------------------------------------ timings
+    TIMINGS_FILE = ".timings.json"
+
+    def _load_timings(self) -> dict[str, float]:
+        try:
+            data = json.loads((self.store.root / self.TIMINGS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def timing_key(self, workflow: str, preset: str) -> str:
+        return f"{getattr(self.profile, 'name', 'none')}/{self.device}/{workflow}/{preset}"
+
+    def _record_timing(self, job: Job) -> None:
+        """Remember how long a finished job took at its preset on this backend (the panel shows it next to the
+        preset: "measured and remembered per backend", issue 16)."""
+        if not job.preset or not job.started or not job.finished:
+            return
+        key = self.timing_key(job.workflow, job.preset)
+        took = job.finished - job.started
+        old = self.timings.get(key)
+        self.timings[key] = took if old is None else 0.5 * (old + took)
+        try:
+            _write_json_atomic(self.store.root / self.TIMINGS_FILE, self.timings)
+        except OSError as exc:
+            log.warning("could not remember job timings: %s", exc)
 
     # ------------------------------------------------------------------------------------------------ store
     def _reload(self) -> None:
@@ -378,12 +410,19 @@ class JobManager:
         May import torch and the workflow's modules: the server calls it off its socket thread. Parameters go
         through :func:`backend.intake.parse_params` first; a workflow's ``validate`` that still fails with
         something other than a StepstoneError is turned into an InputError (and logged: it is a bug there)."""
+        return self.validate_with_preset(workflow, params, inputs)[0]
+
+    def validate_with_preset(self, workflow: str, params: dict, inputs: list[MeshInput]) -> tuple[dict, Optional[str]]:
+        """:meth:`validate`, and the quality preset the job runs at (:mod:`backend.presets`; None: no presets)."""
         from backend.intake import check_resources, parse_params
         from backend.pipelines import get_workflow
+        from backend.presets import apply_preset, check_memory, memory_budget
 
         if not isinstance(workflow, str):
             raise InputError("submit needs a 'workflow' name")
         params = parse_params(workflow, params)
+        budget = memory_budget(self.device) if workflow in ("stylize", "text-to-shape", "gallery") else None
+        params, preset = apply_preset(workflow, params, self.device, budget)
         try:
             wf = get_workflow(workflow)
         except ImportError as exc:
@@ -401,17 +440,22 @@ class JobManager:
             raise
         except Exception as exc:
             log.warning("%s: validate failed on its parameters:\n%s", workflow, traceback.format_exc())
-            raise InputError(f"{workflow}: invalid parameters ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise InputError(f"{workflow}: the backend could not read these options (its log has the details); "
+                             f"check them against `python -m backend run {workflow} --help`, or leave the advanced "
+                             "options out") from None
         check_resources(workflow, out, self.device)
-        return out
+        check_memory(workflow, {**out, "exemplars": len(inputs)} if workflow == "gallery" else out, preset,
+                     self.device, budget)
+        return out, preset
 
     def submit(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
                ref: str = "") -> Job:
         """Validate and queue a job (raises StepstoneError when it cannot run). Its folder exists on return."""
-        return self.enqueue(workflow, self.validate(workflow, params, inputs), inputs, owner=owner, ref=ref)
+        out, preset = self.validate_with_preset(workflow, params, inputs)
+        return self.enqueue(workflow, out, inputs, owner=owner, ref=ref, preset=preset)
 
     def enqueue(self, workflow: str, params: dict, inputs: list[MeshInput], *, owner: Optional[str] = None,
-                ref: str = "") -> Job:
+                ref: str = "", preset: Optional[str] = None) -> Job:
         """Queue a job whose params :meth:`validate` has normalised. Raises StepstoneError when the backend is
         stopping or the job store cannot take it (full, read-only): a clear refusal, nothing half-made."""
         with self._cv:
@@ -419,7 +463,7 @@ class JobManager:
                 raise StepstoneError("the backend is shutting down; submit again after it restarts",
                                      code="shutting_down")
             job = Job(id=new_job_id(), workflow=workflow, params=params, inputs=list(inputs), owner=owner, ref=ref,
-                      backend_id=self.backend_id)
+                      backend_id=self.backend_id, preset=preset)
             try:
                 self.store.create(job)
             except OSError as exc:
@@ -538,6 +582,7 @@ class JobManager:
         except OSError as exc:  # the store is full or gone: still tell the client
             log.error("could not persist job %s: %s", job.id, exc)
         if state == DONE:
+            self._record_timing(job)
             elapsed = (job.finished - job.started) if job.started else 0.0
             self.emit(job.id, P.DONE, {"job": job.id, "results": [r["name"] for r in job.results],
                                        "elapsed_s": elapsed}, None)
@@ -573,8 +618,7 @@ class JobManager:
                 log.error("worker: job %s:\n%s", job.id, traceback.format_exc())
                 try:
                     with self._cv:
-                        self._finish(job, FAILED, error={"code": "internal", "message": f"internal error "
-                                                         f"({type(exc).__name__}: {exc}); see the backend log"})
+                        self._finish(job, FAILED, error=crash_error(exc, job, None))
                 except Exception:
                     log.exception("worker: could not even fail job %s", job.id)
             finally:
@@ -594,6 +638,7 @@ class JobManager:
                          workdir=str(self.store.dir(job.id) / "work"))
         gen = None
         n_images = 0
+        set_current_cancel(job.cancel)  # inner loops (renderer chunks, sampler steps) check it: cancel within 1 s
         try:
             wf = get_workflow(job.workflow)
             gen = wf.run(job.params, job.inputs, ctx)
@@ -643,17 +688,15 @@ class JobManager:
                 return
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
             with self._cv:
-                self._finish(job, FAILED, error={"code": "internal", "message": f"internal error ({exc}); "
-                                                                                "see the backend log"})
+                self._finish(job, FAILED, error=crash_error(exc, job, self.store.dir(job.id)))
             return
         except Exception as exc:  # a bug: the artist gets a message, the log gets the traceback
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
             with self._cv:
-                self._finish(job, FAILED, error={"code": "internal",
-                                                 "message": f"internal error ({type(exc).__name__}: {exc}); "
-                                                            "see the backend log"})
+                self._finish(job, FAILED, error=crash_error(exc, job, self.store.dir(job.id)))
             return
         finally:
+            set_current_cancel(None)
             if gen is not None and hasattr(gen, "close"):
                 try:
                     gen.close()
@@ -661,6 +704,29 @@ class JobManager:
                     log.exception("job %s: error while closing the pipeline", job.id)
         with self._cv:
             self._finish(job, DONE)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text or \
+        "cannot allocate memory" in text or "defaultcpuallocator" in text
+
+
+def crash_error(exc: BaseException, job: "Job", folder: Optional[Path]) -> dict:
+    """The ``failed`` event of a job that raised something other than a StepstoneError: a sentence the artist can
+    act on (never the raw exception; that is in the backend log with its traceback)."""
+    preset = f" at the {job.preset.capitalize()} preset" if job.preset else ""
+    if _is_out_of_memory(exc):
+        smaller = {"paper": "Standard", "standard": "Draft"}.get(job.preset or "", "")
+        fix = f"Choose the {smaller} preset" if smaller else "Lower the resolution or the number of views"
+        return {"code": "out_of_memory",
+                "message": f"The backend ran out of memory while running {job.workflow}{preset}. {fix}, or close "
+                           "other programs on the backend's machine, and run it again."}
+    where = f" (the backend log and {folder} have the details)" if folder is not None else \
+        " (the backend log has the details)"
+    return {"code": "internal",
+            "message": f"{job.workflow} stopped because of a problem inside the backend{where}. Run it again; if it "
+                       "fails the same way, restart the backend or report the log."}
 
 
 def _short(params: dict, n: int = 200) -> str:

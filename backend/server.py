@@ -237,7 +237,8 @@ class Server:
                               traceback.format_exc())
                     self._post(fields["client"], _Out(P.REJECTED, {
                         "ref": fields["ref"], "workflow": fields["req"].workflow, "code": "internal",
-                        "message": "internal error while queueing the job; see the backend log"}, None))
+                        "message": "The backend could not queue this job because of a problem in its own code; its "
+                                   "log has the details. Try again, or restart the backend."}, None))
                 continue
             key = None
             if kind == P.MESH:
@@ -310,8 +311,9 @@ class Server:
         except Exception as exc:
             log.error("internal error while handling a message (ref %s):\n%s", self._ref or "?",
                       traceback.format_exc())
-            fields = {"code": "internal", "message": f"internal error ({type(exc).__name__}: {str(exc)[:200]}); "
-                                                     "the backend goes on serving; its log has the details"}
+            fields = {"code": "internal", "message": "The backend could not handle this request because of a problem "
+                                                     "in its own code; it goes on serving and its log has the "
+                                                     "details. Try again, or restart the backend."}
             if self._ref:
                 fields["ref"] = self._ref
             try:
@@ -398,10 +400,22 @@ class Server:
             "profile": getattr(self.profile, "name", None),
             "device": self.device,
             "capabilities": self._capabilities,
+            "presets": self._presets(),
             "heartbeat_s": self.config.heartbeat_s,
             "pid": os.getpid(),
         })
         sess.last_sent = time.monotonic()
+
+    def _presets(self) -> dict:
+        """Quality presets per workflow with their memory estimates on this backend (:mod:`backend.presets`)."""
+        from backend.presets import describe
+
+        try:
+            m = self.manager
+            return describe(self.device, timings=m.timings if m else None, timing_key=m.timing_key if m else None)
+        except Exception:  # never let a hello fail over the estimates
+            log.exception("describing the quality presets failed")
+            return {}
 
     def _submit(self, sess: Session, req: Submit, ref: str) -> None:
         """Validation may import torch and a workflow's modules (seconds): it runs on the intake thread, never
@@ -417,24 +431,27 @@ class Server:
     def _validate(self, client: str, req: Submit, ref: str) -> None:
         """(intake thread) Parse and validate the job's parameters, then hand the verdict to the loop."""
         assert self.manager is not None
+        preset: Optional[str] = None
         try:
-            params: Any = self.manager.validate(req.workflow, req.params, req.inputs)
+            params, preset = self.manager.validate_with_preset(req.workflow, req.params, req.inputs)
         except StepstoneError as exc:
             params = exc
         except Exception as exc:  # a bug in validation: the client still gets an answer
             log.error("validating %s failed:\n%s", req.workflow, traceback.format_exc())
-            params = StepstoneError(f"internal error while checking the request ({type(exc).__name__}); "
-                                    "see the backend log", code="internal")
-        self._emit(None, "@admit", {"client": client, "req": req, "ref": ref, "params": params}, None)  # type: ignore[arg-type]
+            params = StepstoneError("The backend could not check this request because of a problem in its own "
+                                    "code; its log has the details. Try again, or restart the backend.",
+                                    code="internal")
+        self._emit(None, "@admit", {"client": client, "req": req, "ref": ref, "params": params,
+                                    "preset": preset if not isinstance(params, StepstoneError) else None}, None)  # type: ignore[arg-type]
 
-    def _admit(self, client: str, req: Submit, ref: str, params: Any) -> None:
+    def _admit(self, client: str, req: Submit, ref: str, params: Any, preset: Optional[str] = None) -> None:
         """(loop) Queue a validated job and tell its owner, or tell why not."""
         assert self.manager is not None
         sess = self._sessions.get(client)
         try:
             if isinstance(params, StepstoneError):
                 raise params
-            job = self.manager.enqueue(req.workflow, params, req.inputs, owner=client, ref=ref)
+            job = self.manager.enqueue(req.workflow, params, req.inputs, owner=client, ref=ref, preset=preset)
         except StepstoneError as exc:
             log.info("rejected %s from %s: %s", req.workflow, client[:8], exc.message)
             if sess is not None:
@@ -445,7 +462,7 @@ class Server:
         self._watchers.setdefault(job.id, set()).add(client)
         if sess is not None:
             sess.enqueue(_Out(P.ACCEPTED, {"job": job.id, "ref": ref, "workflow": req.workflow,
-                                           "position": self.manager.position(job)}, None))
+                                           "position": self.manager.position(job), "preset": preset}, None))
 
     def _cancel(self, sess: Session, job_id: str, ref: str) -> None:
         assert self.manager is not None

@@ -14,6 +14,20 @@ log = logging.getLogger("stepstone.addon")
 _registered: list = []
 
 
+def _on_load_pre(*_args) -> None:
+    """Another .blend is about to load (or File > New): running jobs must not write into it."""
+    from . import session
+
+    if session._SESSION is not None:
+        session._SESSION.on_file_change()
+
+
+def _persistent(fn):
+    import bpy
+
+    return bpy.app.handlers.persistent(fn)
+
+
 def _modules():
     from . import operators, panels, preferences, properties
 
@@ -32,6 +46,9 @@ def register() -> None:
             _registered.append(cls)
     properties.register_props()
     session.get()
+    handler = _persistent(_on_load_pre)
+    if not any(getattr(h, "__name__", "") == "_on_load_pre" for h in bpy.app.handlers.load_pre):
+        bpy.app.handlers.load_pre.append(handler)
     if not bpy.app.timers.is_registered(session.timer):
         bpy.app.timers.register(session.timer, first_interval=0.1, persistent=True)
     prefs = preferences.get_prefs()
@@ -49,6 +66,8 @@ def unregister() -> None:
 
     if bpy.app.timers.is_registered(session.timer):
         bpy.app.timers.unregister(session.timer)
+    for h in [h for h in bpy.app.handlers.load_pre if getattr(h, "__name__", "") == "_on_load_pre"]:
+        bpy.app.handlers.load_pre.remove(h)
     session.shutdown()
     _, properties, _, _ = _modules()
     properties.unregister_props()

@@ -27,6 +27,9 @@ class Placement:
     source: Optional[str] = None
     matrix_world: Optional[list[float]] = None
     replace_source: bool = False
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # world offset added to ``matrix_world`` (beside source)
+    avoid_overlap: bool = True  # move a finished result along +X off objects it would overlap
+    keep_mesh: bool = False  # stylize texture mode: the result is the source's own mesh with the style baked on
 
 
 @dataclass
@@ -54,6 +57,12 @@ class JobRecord:
     submitted: float = field(default_factory=time.time)
     finished: Optional[float] = None
     params: dict[str, Any] = field(default_factory=dict)
+    preset: Optional[str] = None  # the quality preset the backend runs it at
+    file_token: str = ""  # the .blend session it was started in; results never go into another file
+    detached: bool = False  # the file changed while it ran: its meshes are ignored (Re-import fetches them)
+    cleanup_pending: bool = False  # failed/cancelled: remove its unfinished previews once the stream is drained
+    source_mesh: Optional[str] = None  # replace_source: the artist's original mesh datablock
+    baked_image: Optional[str] = None  # stylize texture mode: the baked image texture's datablock
 
     @property
     def key(self) -> str:

@@ -11,7 +11,7 @@ import json
 import bpy
 from bpy.props import StringProperty
 
-from . import scene, session as _session
+from . import scene, session as _session, textfit
 from .jobs import Placement, grid_columns
 from .local_backend import BackendStartError
 from .preferences import get_prefs
@@ -44,6 +44,29 @@ def _workflow_poll(cls, workflow: str) -> bool:
     if not ok:
         cls.poll_message_set(why)
     return ok
+
+
+def _preset_poll(cls, workflow: str, preset: str) -> bool:
+    ok, why = _session.get().preset_available(workflow, preset)
+    if not ok:
+        cls.poll_message_set(why)
+    return ok
+
+
+def _with_preset(params: dict, preset: str) -> dict:
+    """``params`` with the artist's preset (Auto: none, the backend chooses for its device and memory)."""
+    if preset and preset != "auto":
+        params["preset"] = preset
+    return params
+
+
+def _grid_origin(context, count: int, spacing: float, start=None) -> tuple[float, float, float]:
+    """Where a grid of ``count`` results starts: at ``start`` (the 3D cursor by default), moved along +X until
+    its footprint overlaps no visible mesh object."""
+    cols = grid_columns(count)
+    rows = (max(count, 1) + cols - 1) // cols
+    origin = tuple(start) if start is not None else _cursor(context)
+    return scene.free_origin(origin, ((cols - 1) * spacing, (rows - 1) * spacing))
 
 
 def _max_faces() -> int:
@@ -129,6 +152,7 @@ class STEPSTONE_OT_generate(bpy.types.Operator):
 
     bl_idname = "stepstone.generate"
     bl_label = "Generate"
+    bl_options = {"UNDO"}  # no REGISTER: "Adjust last operation" would send the job again
 
     options: _options_prop()
 
@@ -140,7 +164,8 @@ class STEPSTONE_OT_generate(bpy.types.Operator):
         ok, why = _session.get().option_available("text-to-shape", "quality", st.quality)
         if not ok:
             cls.poll_message_set(f"quality {st.quality!r}: {why}")
-        return ok
+            return False
+        return _preset_poll(cls, "text-to-shape", st.t2s_preset)
 
     def execute(self, context):
         st = context.scene.stepstone
@@ -148,10 +173,15 @@ class STEPSTONE_OT_generate(bpy.types.Operator):
         if not prompt:
             self.report({"ERROR"}, "type a prompt first")
             return {"CANCELLED"}
-        params = {"prompt": prompt, "variants": int(st.variants), "quality": st.quality, "seed": int(st.seed)}
-        placement = Placement(collection=f"Stepstone: {prompt[:40]}", origin=_cursor(context),
+        warn = textfit.prompt_warning(prompt, str(_session.get().welcome.get("profile", "")))
+        if warn:
+            self.report({"WARNING"}, warn)
+        params = _with_preset({"prompt": prompt, "variants": int(st.variants), "quality": st.quality,
+                               "seed": int(st.seed)}, st.t2s_preset)
+        placement = Placement(collection=f"Stepstone: {prompt}",
+                              origin=_grid_origin(context, int(st.variants), float(st.spacing)),
                               spacing=float(st.spacing), columns=grid_columns(st.variants))
-        return _submit(self, "text-to-shape", params, None, prompt[:40], placement)
+        return _submit(self, "text-to-shape", params, None, textfit.fit_bytes(prompt, 48), placement)
 
 
 class STEPSTONE_OT_diagnostic(bpy.types.Operator):
@@ -177,6 +207,7 @@ class STEPSTONE_OT_stylize(bpy.types.Operator):
 
     bl_idname = "stepstone.stylize"
     bl_label = "Stylize"
+    bl_options = {"UNDO"}
 
     options: _options_prop()
 
@@ -192,7 +223,8 @@ class STEPSTONE_OT_stylize(bpy.types.Operator):
         ok, why = _session.get().option_available("stylize", "mode", st.mode)
         if not ok:
             cls.poll_message_set(f"mode {st.mode!r}: {why}")
-        return ok
+            return False
+        return _preset_poll(cls, "stylize", st.stylize_preset)
 
     def execute(self, context):
         st = context.scene.stepstone
@@ -202,14 +234,17 @@ class STEPSTONE_OT_stylize(bpy.types.Operator):
             self.report({"ERROR"}, "type a style first")
             return {"CANCELLED"}
         try:
-            payload = scene.object_payload(obj, context.evaluated_depsgraph_get(), max_faces=_max_faces())
+            payload = scene.object_payload(obj, context.evaluated_depsgraph_get(), max_faces=_max_faces(),
+                                           uvs=st.mode == "texture")
         except scene.SelectionError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        params = {"style": style, "mode": st.mode, "strength": float(st.strength)}
+        params = _with_preset({"style": style, "mode": st.mode, "strength": float(st.strength)}, st.stylize_preset)
+        replace = bool(st.replace_source)
         placement = Placement(collection="Stepstone", source=obj.name, matrix_world=payload["matrix_world"],
-                              replace_source=bool(st.replace_source))
-        return _submit(self, "stylize", params, [payload], f"{obj.name} {style[:30]}", placement)
+                              replace_source=replace, offset=(0.0, 0.0, 0.0) if replace else scene.beside_offset(obj),
+                              keep_mesh=st.mode == "texture")
+        return _submit(self, "stylize", params, [payload], textfit.fit_bytes(f"{obj.name} {style}", 48), placement)
 
 
 class STEPSTONE_OT_gallery(bpy.types.Operator):
@@ -217,6 +252,7 @@ class STEPSTONE_OT_gallery(bpy.types.Operator):
 
     bl_idname = "stepstone.gallery"
     bl_label = "Make gallery"
+    bl_options = {"UNDO"}
 
     options: _options_prop()
 
@@ -227,7 +263,7 @@ class STEPSTONE_OT_gallery(bpy.types.Operator):
         if not any(o.type == "MESH" for o in context.selected_objects):
             cls.poll_message_set("select one or more mesh objects as exemplars")
             return False
-        return True
+        return _preset_poll(cls, "gallery", context.scene.stepstone.gallery_preset)
 
     def execute(self, context):
         st = context.scene.stepstone
@@ -243,16 +279,89 @@ class STEPSTONE_OT_gallery(bpy.types.Operator):
             self.report({"ERROR"}, "no mesh objects among the selection")
             return {"CANCELLED"}
         subjects = [s.strip() for s in st.subjects.split(",") if s.strip()]
-        params = {"subjects": subjects, "count": int(st.count), "seed": int(st.seed)}
-        # place the gallery to the right of the exemplars
-        xs = [o.matrix_world.translation.x for o in context.selected_objects if o.type == "MESH"]
+        params = _with_preset({"subjects": subjects, "count": int(st.count), "seed": int(st.seed)}, st.gallery_preset)
+        # place the gallery to the right of the exemplars, off anything already there
+        boxes = [b for b in (scene.world_box(o) for o in context.selected_objects if o.type == "MESH") if b]
         origin = _cursor(context)
-        if xs:
-            origin = (max(xs) + 2.0 * float(st.spacing), origin[1], origin[2])
+        if boxes:
+            origin = (max(b[1][0] for b in boxes) + float(st.spacing), origin[1], origin[2])
+        origin = _grid_origin(context, int(st.count), float(st.spacing), start=origin)
         placement = Placement(collection="Stepstone gallery", origin=origin, spacing=float(st.spacing),
                               columns=grid_columns(st.count))
-        label = f"gallery of {', '.join(p['name'] for p in payloads)[:40]}"
+        label = textfit.fit_bytes(f"gallery of {', '.join(p['name'] for p in payloads)}", 48)
         return _submit(self, "gallery", params, payloads, label, placement)
+
+
+class STEPSTONE_OT_image_to_shape(bpy.types.Operator):
+    """Lift the image (an image datablock or a file) to a coloured 3D shape at the 3D cursor"""
+
+    bl_idname = "stepstone.image_to_shape"
+    bl_label = "Image to shape"
+    bl_options = {"UNDO"}
+
+    options: _options_prop()
+
+    @classmethod
+    def poll(cls, context):
+        if not _workflow_poll(cls, "image-to-shape"):
+            return False
+        st = context.scene.stepstone
+        if st.image_source == "IMAGE" and st.image is None:
+            cls.poll_message_set("pick an image (or switch to File and choose an image file)")
+            return False
+        if st.image_source == "FILE" and not st.image_path.strip():
+            cls.poll_message_set("choose an image file")
+            return False
+        return True
+
+    def execute(self, context):
+        st = context.scene.stepstone
+        try:
+            png, name = scene.image_png(st.image if st.image_source == "IMAGE" else None,
+                                        bpy.path.abspath(st.image_path) if st.image_source == "FILE" else "")
+        except scene.SelectionError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        import base64
+
+        params = {"image_png": base64.b64encode(png).decode("ascii"), "image_name": textfit.fit_bytes(name, 48),
+                  "seed": int(st.seed)}
+        placement = Placement(collection=f"Stepstone: {name}", origin=_grid_origin(context, 1, float(st.spacing)),
+                              spacing=float(st.spacing))
+        return _submit(self, "image-to-shape", params, None, textfit.fit_bytes(name, 48), placement)
+
+
+class STEPSTONE_OT_job_info(bpy.types.Operator):
+    """The job's whole status"""
+
+    bl_idname = "stepstone.job_info"
+    bl_label = "Job details"
+
+    job: StringProperty(name="Job", default="", options={"SKIP_SAVE"})
+
+    @classmethod
+    def description(cls, context, properties):
+        job = _session.get().find(properties.job)
+        return job_text(job) if job is not None else "no such job"
+
+    def execute(self, context):
+        job = _session.get().find(self.job)
+        if job is None:
+            self.report({"WARNING"}, "this job is no longer in the list")
+            return {"CANCELLED"}
+        self.report({"ERROR"} if job.state in ("failed", "lost", "damaged") else {"INFO"}, job_text(job))
+        return {"FINISHED"}
+
+
+def job_text(job) -> str:
+    """Everything about a job in one text (tooltip and report: nothing cut)."""
+    parts = [f"{job.workflow}: {job.label}"]
+    if job.preset:
+        parts.append(f"preset {job.preset}")
+    parts.append(job.status_line())
+    if job.job_id:
+        parts.append(f"job {job.job_id}")
+    return ". ".join(p.rstrip(".") for p in parts if p) + "."
 
 
 def _submit(op, workflow, params, meshes, label, placement):
@@ -353,6 +462,8 @@ classes = (
     STEPSTONE_OT_diagnostic,
     STEPSTONE_OT_stylize,
     STEPSTONE_OT_gallery,
+    STEPSTONE_OT_image_to_shape,
+    STEPSTONE_OT_job_info,
     STEPSTONE_OT_cancel,
     STEPSTONE_OT_reimport,
     STEPSTONE_OT_list_backend_jobs,

@@ -20,7 +20,7 @@ import numpy as np
 from .jobs import FINISHED_STATES, JobRecord, Placement, grid_offset
 from .local_backend import LocalBackend
 from .meshbuild import MeshUpdateItem, StreamQueue
-from . import scene
+from . import scene, textfit
 
 log = logging.getLogger("stepstone.addon")
 
@@ -69,6 +69,9 @@ class Session:
         self._local_exit_reported = False
         self.restarts = 0
         self._last_reconcile = 0.0
+        self.file_token = "file-0"  # changes when another .blend is loaded or File > New (load_pre handler)
+        self._files = 0
+        self.undo_pushes = 0  # undo steps pushed for arrived results (tests)
 
     # ---------------------------------------------------------------------------------------------- status
     @property
@@ -109,6 +112,20 @@ class Session:
         if not c.get("available", False):
             return False, c.get("reason") or f"{workflow} is not available with this profile"
         return True, ""
+
+    def preset_info(self, workflow: str) -> dict:
+        """The backend's presets for ``workflow`` (default, and per preset memory / time / fits), or {}."""
+        return ((self.welcome.get("presets") or {}).get(workflow)) or {}
+
+    def preset_available(self, workflow: str, preset: str) -> tuple[bool, str]:
+        """Whether ``preset`` ("auto" always is) fits the connected backend's memory, and why not."""
+        info = self.preset_info(workflow)
+        p = (info.get("presets") or {}).get(preset)
+        if preset == "auto" or p is None or p.get("fits", True):
+            return True, ""
+        mem = (self.welcome.get("presets") or {}).get("memory_gib", "?")
+        return False, (f"the {preset.capitalize()} preset needs about {p.get('peak_gib')} GiB, more than this "
+                       f"backend's {mem} GiB; choose {str(info.get('default', 'draft')).capitalize()} or Auto")
 
     def option_available(self, workflow: str, option: str, value: str) -> tuple[bool, str]:
         opts = (self.capabilities().get(workflow) or {}).get("options") or {}
@@ -234,7 +251,8 @@ class Session:
             rid = self.client.submit(workflow, params, meshes)
         except _shared().client.ClientError as exc:
             raise ConnectError(str(exc)) from None
-        job = JobRecord(request_id=rid, workflow=workflow, label=label, placement=placement, params=dict(params))
+        job = JobRecord(request_id=rid, workflow=workflow, label=label, placement=placement, params=dict(params),
+                        file_token=self.file_token)
         self.jobs.insert(0, job)
         self._ui_dirty = True
         return job
@@ -267,7 +285,7 @@ class Session:
             info = next((j for j in self.backend_jobs if j.get("job") == key), {})
             prompt = (info.get("params") or {}).get("prompt") or (info.get("params") or {}).get("style") or ""
             job = JobRecord(request_id=key, workflow=str(info.get("workflow", "?")), job_id=key, state="done",
-                            label=(prompt[:40] or f"job {key[-8:]}"), placement=Placement(collection="Stepstone"))
+                            label=(textfit.fit_bytes(prompt, 48) if prompt else f"job {key[-8:]}"), placement=Placement(collection="Stepstone"))
             self.jobs.insert(0, job)
         if job.job_id is None:
             raise ConnectError("this job never reached the backend; nothing to re-import")
@@ -278,6 +296,8 @@ class Session:
         except _shared().client.ClientError as exc:
             raise ConnectError(str(exc)) from None
         job.placement = dataclasses.replace(job.placement, replace_source=False)  # re-import: new objects
+        job.file_token = self.file_token  # into the file open now
+        job.detached = False
         job.slots = {}
         job.slot_order = []
         job.finals = set()
@@ -308,6 +328,7 @@ class Session:
                 for msg in msgs:
                     self._dispatch(msg)
             self.stream.work(deadline)
+            self._cleanup_finished()
             self._maybe_reconcile()
         except Exception:  # never let the timer die or an exception reach the artist
             log.exception("Stepstone poll failed")
@@ -398,12 +419,15 @@ class Session:
             if j.active:
                 j.finish("lost", "the backend restarted while this job ran; run it again")
                 self.stream.drop_job(j.key)
+                j.cleanup_pending = True
 
     def _on_accepted(self, msg, f) -> None:
         job = self.find(f.get("ref", ""))
         if job is None:
             return
         job.job_id = f.get("job")
+        if f.get("preset"):
+            job.preset = str(f.get("preset"))
         if job.state == "submitting":
             job.state = "queued"
         pos = f.get("position")
@@ -429,7 +453,7 @@ class Session:
 
     def _on_mesh(self, msg, f) -> None:
         job = self._job_for(f)
-        if job is None or job.state in ("cancelled", "lost"):
+        if job is None or job.state in ("cancelled", "lost") or job.detached:
             return
         a = msg.arrays
         job.meshes_received += 1
@@ -445,7 +469,9 @@ class Session:
         if png is None:
             return
         label = str(f.get("label") or "concept")
-        name = f"{job.label[:40]} {label}" if job is not None else label
+        if job is not None and job.detached:
+            return
+        name = textfit.fit_bytes(f"{job.label} {label}" if job is not None else label)
         try:
             img = scene.image_from_png(name, np.asarray(png, dtype=np.uint8).tobytes())
         except ValueError as exc:
@@ -453,6 +479,8 @@ class Session:
             return
         if job is not None:
             job.images.append(img.name)
+            if label == "baked texture":
+                job.baked_image = img.name
 
     def _on_done(self, msg, f) -> None:
         job = self._job_for(f)
@@ -461,6 +489,8 @@ class Session:
         job.results = [str(r) for r in (f.get("results") or [])]
         job.finish("done")
         job.message = ""
+        if job.detached:
+            job.message = "finished after the file changed; use Re-import to bring its results into this file"
         el = f.get("elapsed_s")
         self.notice(f"{job.label}: done" + (f" in {el:.1f} s" if isinstance(el, (int, float)) else ""))
 
@@ -469,6 +499,7 @@ class Session:
         text = f.get("message") or f.get("code") or "failed"
         if job is not None:
             job.finish("failed", text)
+            job.cleanup_pending = True  # its unfinished previews go once the meshes already sent are applied
             self.notice(f"{job.label}: failed: {text}")
 
     def _on_cancelled(self, msg, f) -> None:
@@ -476,6 +507,7 @@ class Session:
         if job is not None:
             job.finish("cancelled", f.get("reason") or "cancelled")
             self.stream.drop_job(job.key)
+            job.cleanup_pending = True
 
     def _on_jobs(self, msg, f) -> None:
         """Reconcile active jobs with the backend's list (after a reconnect events may have been missed)."""
@@ -527,10 +559,17 @@ class Session:
     def _apply_mesh(self, item: MeshUpdateItem, me: bpy.types.Mesh) -> None:
         """Put a freshly built mesh into its slot's object (made on first use); called from :meth:`tick`."""
         job = self.find(item.job)
-        if job is None:
+        if job is None or job.detached or job.file_token != self.file_token or job.state in ("cancelled", "lost"):
             if me.users == 0:
                 bpy.data.meshes.remove(me)
             return
+        if job.placement.keep_mesh:
+            if item.final and self._apply_kept_mesh(job, item, me):
+                return
+            if not item.final and job.placement.replace_source:  # the artist's mesh stays until the result is in
+                if me.users == 0:
+                    bpy.data.meshes.remove(me)
+                return
         scene.ensure_material(me)
         obj = self._slot_object(job, item.slot)
         if obj is None:
@@ -545,6 +584,122 @@ class Session:
                 obj[f"stepstone_{k}"] = v
         if item.final:
             job.finals.add(item.slot)
+            if job.placement.avoid_overlap and not (job.placement.replace_source and obj.name == job.placement.source):
+                scene.move_off_others(obj, ignore=set(job.slots.values()) | {job.placement.source or ""})
+            self._push_undo(f"Stepstone: {job.label}" + ("" if item.slot == "result" else f" {item.slot}"))
+        self._ui_dirty = True
+
+    def _apply_kept_mesh(self, job: JobRecord, item: MeshUpdateItem, me: bpy.types.Mesh) -> bool:
+        """Texture mode: the final result is the source's own mesh (polygons, UVs, materials kept) with the style
+        baked onto its UV map (or a colour attribute), beside the source or in it; the preview object goes."""
+        pl = job.placement
+        src = bpy.data.objects.get(pl.source or "")
+        if src is None or src.type != "MESH":
+            self.notice(f"{job.label}: the source object is gone; the result comes as a new triangle mesh")
+            return False
+        preview = self._slot_object(job, item.slot)
+        image = bpy.data.images.get(job.baked_image or "")
+        coll = None if pl.replace_source else self._job_collection(job)
+        verts = cols = None
+        if image is None:  # no UV map: per-vertex colours, read back from the built mesh (the frames are freed)
+            verts = np.empty(len(me.vertices) * 3, dtype=np.float32)
+            me.vertices.foreach_get("co", verts)
+            verts = verts.reshape(-1, 3)
+            attr = me.color_attributes.get(scene.COLOR_ATTRIBUTE)
+            if attr is not None and attr.domain == "POINT":
+                buf = np.empty(len(attr.data) * 4, dtype=np.float32)
+                attr.data.foreach_get("color_srgb", buf)
+                cols = np.clip(buf.reshape(-1, 4)[:, :3] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        obj = scene.stylized_copy(src, f"{job.label}", coll, pl.offset, image, verts, cols, pl.replace_source)
+        me_ptr = me.as_pointer()  # the stream may have updated the preview's own mesh in place
+        if preview is not None and preview is not obj and preview is not src:
+            old = preview.data
+            bpy.data.objects.remove(preview)
+            if old is not None and old.users == 0:
+                if old.as_pointer() == me_ptr:
+                    me_ptr = 0
+                bpy.data.meshes.remove(old)
+        if me_ptr and me.users == 0:
+            bpy.data.meshes.remove(me)
+        job.slots[item.slot] = obj.name
+        obj["stepstone_job"] = job.key
+        obj["stepstone_slot"] = item.slot
+        for k, v in item.info.items():
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                obj[f"stepstone_{k}"] = v
+        job.finals.add(item.slot)
+        if not pl.replace_source:
+            scene.move_off_others(obj, ignore={src.name})
+        self._push_undo(f"Stepstone: {job.label}")
+        self._ui_dirty = True
+        return True
+
+    def _push_undo(self, message: str) -> None:
+        """An undo step for a result that arrived from the timer: Ctrl-Z takes that result back out, and the
+        operator's own step (bl_options UNDO) is the state before the request."""
+        try:
+            if bpy.ops.ed.undo_push.poll():
+                bpy.ops.ed.undo_push(message=textfit.fit_bytes(message, 60))
+                self.undo_pushes += 1
+        except Exception as exc:  # no undo stack (background mode without a window): nothing to push
+            log.debug("undo push: %s", exc)
+
+    # ---------------------------------------------------------------------------------------------- clean-up
+    def _cleanup_finished(self) -> None:
+        """Cancelled, failed or lost jobs: their previews that never became a final result are removed (and a
+        replaced source gets its own mesh back), once no mesh of the job is still on its way."""
+        for job in self.jobs:
+            if not job.cleanup_pending or self.stream.pending_for(job.key):
+                continue
+            job.cleanup_pending = False
+            if job.detached or job.file_token != self.file_token:
+                continue
+            removed = self.discard_partial(job)
+            if removed:
+                self.notice(f"{job.label}: removed {removed} unfinished preview{'s' if removed != 1 else ''}")
+
+    def discard_partial(self, job: JobRecord) -> int:
+        removed = 0
+        for slot, name in list(job.slots.items()):
+            if slot in job.finals:
+                continue
+            obj = bpy.data.objects.get(name)
+            job.slots.pop(slot, None)
+            if obj is None or obj.type != "MESH":
+                continue
+            if job.placement.replace_source and obj.name == job.placement.source:
+                orig = bpy.data.meshes.get(job.source_mesh or "")
+                if orig is not None:
+                    scene.replace_mesh(obj, orig)
+                    orig.use_fake_user = False
+                removed += 1
+                continue
+            me = obj.data
+            bpy.data.objects.remove(obj)
+            if me is not None and me.users == 0 and me.get("stepstone"):
+                bpy.data.meshes.remove(me)
+            removed += 1
+        coll = bpy.data.collections.get(job.collection_actual or "")
+        if coll is not None and job.placement.matrix_world is None and len(coll.objects) == 0 \
+                and len(coll.children) == 0:
+            bpy.data.collections.remove(coll)
+            job.collection_actual = None
+        return removed
+
+    def on_file_change(self) -> None:
+        """Another .blend was loaded (or File > New): running jobs never write into it. Their objects belonged to
+        the old file; they stay on the backend and Re-import brings them into this one."""
+        self._files += 1
+        self.file_token = f"file-{self._files}"
+        for job in self.jobs:
+            job.slots = {}
+            job.slot_order = []
+            job.collection_actual = None
+            job.cleanup_pending = False
+            self.stream.drop_job(job.key)
+            if job.active:
+                job.detached = True
+                job.message = "the file changed; its results stay on the backend (Re-import when it is done)"
         self._ui_dirty = True
 
     def _current_mesh(self, item: MeshUpdateItem) -> Optional[bpy.types.Mesh]:
@@ -567,18 +722,20 @@ class Session:
             old = obj.data
             if old is not None and not old.get("stepstone"):
                 old.use_fake_user = True  # the artist's original mesh stays in the file, recoverable
+                job.source_mesh = old.name
             scene.replace_mesh(obj, me)
             job.slots[slot] = obj.name
             return obj
         coll = self._job_collection(job)
         base = job.label if slot == "result" else f"{job.label} {slot}"
-        obj = bpy.data.objects.new(base[:60], me)
+        obj = bpy.data.objects.new(textfit.fit_bytes(base), me)
         coll.objects.link(obj)
         if pl.matrix_world is not None:
             from mathutils import Matrix
 
             m = pl.matrix_world
             obj.matrix_world = Matrix([m[0:4], m[4:8], m[8:12], m[12:16]])
+            obj.location = tuple(a + b for a, b in zip(obj.matrix_world.translation, pl.offset))
         else:
             idx = job.grid_index(slot)
             off = grid_offset(idx, pl.spacing, pl.columns)

@@ -211,6 +211,11 @@ class Client:
                 raise ClientError(f"mesh {i}: cannot convert to arrays: {exc}") from None
             for k, v in a.items():
                 arrays[f"mesh{i}.{k}"] = v
+            if m.get("uvs") is not None:  # per face corner UVs (M, 3, 2): stylize bakes its texture onto them
+                uv = np.ascontiguousarray(m["uvs"], dtype=np.float32)
+                if uv.shape != (len(a["faces"]), 3, 2):
+                    raise ClientError(f"mesh {i}: uvs must have shape ({len(a['faces'])}, 3, 2), got {uv.shape}")
+                arrays[f"mesh{i}.uvs"] = uv
             mw = m.get("matrix_world")
             if mw is not None:
                 mw = [float(x) for x in np.asarray(mw, dtype=np.float64).reshape(-1)]

@@ -37,6 +37,8 @@ def run(params, inputs, ctx):
     yield Progress("test", 1, 2, "about to fail")
     if params.get("mode") == "input":
         raise InputError("the prompt is empty; type what you want to see")
+    if params.get("mode") == "oom":
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory")
     if params.get("mode") == "bug":
         raise ZeroDivisionError("division by zero")
     yield MeshUpdate(np.zeros((3, 3), np.float32), np.array([[0, 1, 2]], np.uint32), final=True, name="x")
@@ -119,13 +121,19 @@ def test_cancel_in_every_state(manager):
 
 
 @pytest.mark.parametrize("mode, code, needle", [("input", "bad_input", "prompt is empty"),
-                                                ("bug", "internal", "ZeroDivisionError")])
+                                                ("bug", "internal", "problem inside the backend"),
+                                                ("oom", "out_of_memory", "ran out of memory")])
 def test_errors_in_a_pipeline_fail_the_job_with_a_message(manager, monkeypatch, mode, code, needle):
     monkeypatch.setitem(WORKFLOWS, NAME, __name__)
     job = manager.submit(NAME, {"mode": mode}, [])
     assert manager.events.wait_terminal(job.id) == [P.FAILED]
     failed = [f for j, k, f, a in manager.events.items if j == job.id and k == P.FAILED][0]
     assert failed["code"] == code and needle in failed["message"]
+    # a sentence with the fix, never the raw exception (issue 16): that goes to the log
+    assert "Error" not in failed["message"] and "alloc_cpu" not in failed["message"]
+    if mode != "input":
+        assert failed["message"].endswith(".") and ("Run it again" in failed["message"] or "run it again" in
+                                                    failed["message"])
     assert manager.get(job.id).error["code"] == code
 
 

@@ -258,3 +258,29 @@ def test_cli_run_stylize_writes_the_stylized_mesh(tmp_path, tiny_profile):
     after = load_mesh(out)
     assert len(after.vertices) == len(before.vertices) and np.array_equal(after.faces, before.faces)
     assert after.colors is not None
+
+
+def test_bake_texture_puts_the_colour_field_onto_the_uv_map():
+    """Texture mode with a UV map (issue 16): each texel takes the colour of its own surface point; the islands
+    are padded and the rest of the image stays transparent."""
+    import torch
+
+    from backend.pipelines.stylize import bake_texture
+
+    # a quad in the z = 0 plane (unit cube coordinates) unwrapped onto the left half of the UV square
+    v = np.array([[-0.4, -0.4, 0.0], [0.4, -0.4, 0.0], [0.4, 0.4, 0.0], [-0.4, 0.4, 0.0]])
+    f = np.array([[0, 1, 2], [0, 2, 3]])
+    uv_of_vertex = np.array([[0.0, 0.0], [0.5, 0.0], [0.5, 1.0], [0.0, 1.0]])
+    uvs = uv_of_vertex[f].astype(np.float32)
+
+    def color_fn(p):  # red follows x, green follows y
+        return torch.stack([p[:, 0] + 0.5, p[:, 1] + 0.5, torch.zeros_like(p[:, 0])], dim=1)
+
+    img = bake_texture(color_fn, v, f, uvs, 64, beta=0.05, device="cpu")
+    assert img.shape == (64, 64, 4) and img.dtype == np.uint8
+    alpha = img[..., 3] > 0
+    assert alpha[:, :30].all() and not alpha[:, 40:].any()  # left half covered (+ padding), right half empty
+    red = img[32, 2:30, 0].astype(int)
+    assert (np.diff(red) >= 0).all() and red[-1] - red[0] > 150  # x grows to the right in UV u
+    green = img[2:62, 16, 1].astype(int)
+    assert (np.diff(green) <= 0).all() and green[0] - green[-1] > 150  # row 0 is the top of the image (v = 1)

@@ -7,6 +7,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
+from backend.events import checkpoint as cancel_checkpoint
 from backend.fields.grid import grid_points
 
 
@@ -20,6 +21,7 @@ def field_grid(field, resolution: int, chunk: int = 262_144, device: Union[str, 
     fn = getattr(field, "sigma", None)
     out = []
     for s in range(0, len(pts), chunk):
+        cancel_checkpoint()
         p = pts[s : s + chunk]
         out.append((fn(p) if callable(fn) else field.query(p)[0]).float().cpu())
     return torch.cat(out).reshape(resolution, resolution, resolution).numpy()
@@ -31,7 +33,10 @@ def field_color_fn(field, chunk: int = 65_536, device: Union[str, torch.device] 
     @torch.no_grad()
     def color_fn(points: np.ndarray) -> np.ndarray:
         pts = torch.as_tensor(np.asarray(points, dtype=np.float32), device=device)
-        out = [field.query(pts[s : s + chunk])[1].float().cpu() for s in range(0, len(pts), chunk)]
+        out = []
+        for s in range(0, len(pts), chunk):
+            cancel_checkpoint()
+            out.append(field.query(pts[s : s + chunk])[1].float().cpu())
         return torch.cat(out).clamp(0, 1).numpy() if out else np.zeros((0, 3), np.float32)
 
     return color_fn

@@ -11,6 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.measure import marching_cubes
 
 from backend.errors import StepstoneError
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def remove_small_components(
     f = faces.astype(np.int64)
     rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
     cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    cancel_checkpoint()
     graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
     n_comp, label = connected_components(graph, directed=False)
     if n_comp <= 1:
@@ -84,6 +86,7 @@ def decimate(
     lo_cell, hi_cell = extent * 1e-4, extent * 0.5
     best = cluster(hi_cell)
     for _ in range(18):
+        cancel_checkpoint()
         mid = np.sqrt(lo_cell * hi_cell)
         res = cluster(mid)
         if len(res[2]) > target_faces:
@@ -150,6 +153,7 @@ def extract_mesh(
             f"the shape is empty: no surface at level {level:g} (values span {g.min():.4g}..{g.max():.4g}); "
             "try more iterations, another seed or a different prompt"
         )
+    cancel_checkpoint()
     outside_value = max(float(g.max()), level + 1.0)
     gp = np.pad(g, 1, mode="constant", constant_values=outside_value)
     verts, faces, _, _ = marching_cubes(gp, level=level, spacing=tuple(spacing), gradient_direction="ascent")
@@ -161,10 +165,12 @@ def extract_mesh(
     if signed_volume < 0:
         faces = faces[:, ::-1]
     colors = None
+    cancel_checkpoint()
     verts, faces, _ = remove_small_components(verts, faces, min_component_fraction)
     if target_faces is not None:
         verts, faces, _ = decimate(verts, faces, int(target_faces))
     if color_fn is not None and len(verts):
+        cancel_checkpoint()
         c = np.asarray(color_fn(verts.astype(np.float32)))
         if c.ndim != 2 or c.shape[0] != len(verts) or c.shape[1] not in (3, 4):
             raise ValueError(f"color_fn must return ({len(verts)}, 3|4) colours, got {tuple(c.shape)}")

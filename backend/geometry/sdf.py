@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 
 from backend.geometry.normalize import Normalization, fit_normalization
 from backend.geometry.validate import check_mesh
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +88,28 @@ def unsigned_distance_grid(
     cand = ndimage.binary_dilation(cand, structure=np.ones((3, 3, 3), bool), iterations=band_voxels)
     idx = np.argwhere(cand)
     pts = idx * h - 0.5
+    cancel_checkpoint()
     tree = cKDTree(samples)
     k = min(k_faces, len(samples))
-    _, nn = tree.query(pts, k=k, workers=-1)
-    nn = nn.reshape(len(pts), k)
-    faces = np.sort(sample_face[nn], axis=1)  # (Nc, k) candidate triangles; repeats are harmless
     udf_c = np.full(len(pts), np.inf)
     closest_c = np.zeros_like(pts)
-    step = 262_144
+    step = 32_768  # ~0.1-0.5 s per slab: a cancelled job stops between slabs
     for s in range(0, len(pts), step):
+        cancel_checkpoint()
         p = pts[s : s + step]
-        fc = faces[s : s + step]
+        _, nn = tree.query(p, k=k, workers=-1)
+        fc = np.sort(sample_face[nn.reshape(len(p), k)], axis=1)  # (n, k) candidate triangles; repeats are harmless
         closest = trimesh.triangles.closest_point(tri[fc.ravel()], np.repeat(p, k, axis=0))
         d = np.linalg.norm(closest - np.repeat(p, k, axis=0), axis=1).reshape(len(p), k)
         best = d.argmin(axis=1)
         udf_c[s : s + step] = d[np.arange(len(p)), best]
         closest_c[s : s + step] = closest.reshape(len(p), k, 3)[np.arange(len(p)), best]
+    cancel_checkpoint()
     udf = np.zeros((R, R, R))
     udf[cand] = udf_c
     # Beyond the band: distance to the nearest band voxel plus that voxel's own distance (triangle inequality).
     if not cand.all():
+        cancel_checkpoint()
         dist, nearest = ndimage.distance_transform_edt(~cand, return_indices=True)
         far = ~cand
         nb = tuple(nearest[a][far] for a in range(3))
@@ -147,6 +150,7 @@ def mesh_to_sdf(
     tri = normalization.to_unit(v)[f]
     udf, band, closest = unsigned_distance_grid(tri, R, seed=seed, return_closest=True)
 
+    cancel_checkpoint()
     blocked = udf <= seal * h
     free = ~blocked
     labels, _ = ndimage.label(free)  # 6-connectivity
@@ -155,16 +159,20 @@ def mesh_to_sdf(
          labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
     )
     border = np.unique(border[border > 0])
+    cancel_checkpoint()
     outside = np.isin(labels, border)
     core = free & ~outside
 
     inside = core.copy()
     if core.any():
+        cancel_checkpoint()
         d_core = ndimage.distance_transform_edt(~core)
+        cancel_checkpoint()
         d_out = ndimage.distance_transform_edt(~outside) if outside.any() else np.full(udf.shape, np.inf)
         # Side of each blocked voxel: probe 2 voxels away from its closest surface point along the direction to
         # the voxel (a free voxel for locally flat surfaces); if the probe lands on a blocked voxel, the nearer
         # region (inside core or outside) decides.
+        cancel_checkpoint()
         region = np.zeros(udf.shape, np.int8)  # 1 inside core, -1 outside, 0 blocked
         region[core] = 1
         region[outside] = -1
@@ -180,9 +188,11 @@ def mesh_to_sdf(
         fallback = np.where(d_core[tuple(bidx.T)] < d_out[tuple(bidx.T)], 1, -1)
         side = np.where(probe != 0, probe, fallback)
         inside[tuple(bidx[side > 0].T)] = True
+        cancel_checkpoint()
         near_core = d_core <= SHELL_FREE_VOXELS
     else:
         near_core = np.zeros_like(core)
+    cancel_checkpoint()
     sdf = np.where(inside, -udf, udf)
     # Open sheets and very thin parts: a shell ``h`` thick on each side of the surface.
     shell = ~near_core

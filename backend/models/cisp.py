@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from backend.errors import InputError
 from backend.models.io import deterministic, load_weights, read_config, save_module
 from backend.models.prior import timestep_embedding
+from backend.events import checkpoint as cancel_checkpoint
 
 KIND = "cisp"
 
@@ -226,6 +227,7 @@ class CISP(nn.Module):
         null = self.null_cond.expand_as(cond)
         self.sampler.set_timesteps(steps, device=dev)
         for t in self.sampler.timesteps:
+            cancel_checkpoint()
             tt = t.expand(cond.shape[0]).to(dev)
             if w != 1.0:
                 eps_c, eps_u = self.denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])).chunk(2)

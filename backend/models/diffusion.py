@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from backend.errors import InputError, ModelUnavailable
 from backend.models.io import deterministic
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +375,7 @@ class DiffusionBundle:
         x = x.to(self.device, self.dtype) * self.sampler.init_noise_sigma
         self.sampler.set_timesteps(steps, device=self.device)
         for t in self.sampler.timesteps:
+            cancel_checkpoint()
             eps = self.predict_noise(x, t, cond, uncond, guidance_scale)
             x = self.sampler.step(eps, t, x).prev_sample
         return self.from_model_space(x)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from backend.errors import InputError, ModelUnavailable
 from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,12 @@ def lift_svr(image: Tensor, svr: Any, cfg: ImageToShapeConfig) -> LiftedShape:
     field = DecoderField(svr.decoder, z[0])
     r = int(cfg.mesh_resolution)
     pts = grid_points(r, device=dev).reshape(-1, 3)
+    parts = []
     with torch.no_grad():
-        logits = torch.cat([field.occupancy_logits(pts[s : s + 65536]) for s in range(0, len(pts), 65536)])
+        for s in range(0, len(pts), 65536):
+            cancel_checkpoint()  # 256^3 samples take seconds: a cancelled job stops between chunks
+            parts.append(field.occupancy_logits(pts[s : s + 65536]))
+    logits = torch.cat(parts)
     grid = logits.reshape(r, r, r).float().cpu().numpy()
     v, f, c, info = _iso_mesh(grid, 0.0, ((-0.5,) * 3, (0.5,) * 3), cfg.fill_fraction, field_color_fn(field, device=dev),
                               cfg.target_faces)

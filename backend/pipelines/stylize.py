@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from backend.errors import InputError, ModelUnavailable
-from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import Event, Image, JobContext, MeshInput, MeshUpdate, Progress
+from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class StylizeConfig:
     max_faces: int = DEFAULT_MAX_FACES  # input face limit
     checkpoint: bool = False  # recompute render chunks in backward (bounds memory for big renders)
     chunk: int = 32768  # rays rendered at a time
+    texture_size: int = 1024  # texture mode with a UV map: side of the baked image texture (0: vertex colours only)
 
 
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -110,6 +112,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "eval_views": (1, 32),
     "max_faces": (1, 2_000_000),
     "chunk": (256, 1 << 22),
+    "texture_size": (0, 4096),
 }
 
 
@@ -124,10 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sds: score distillation from the diffusion model")
     parser.add_argument("--strength", type=float, default=StylizeConfig.strength,
                         help="0 = preserve the shape most, 1 = follow the style most (default 0.5)")
-    parser.add_argument("--iterations", type=int, default=StylizeConfig.iterations)
-    parser.add_argument("--views", type=int, default=StylizeConfig.views, help="rendered views per iteration")
-    parser.add_argument("--render-resolution", type=int, default=StylizeConfig.render_resolution)
-    parser.add_argument("--grid-resolution", type=int, default=StylizeConfig.grid_resolution)
+    parser.add_argument("--preset", default="auto", choices=("auto", "draft", "standard", "paper"),
+                        help="quality preset (backend.presets; auto: the largest that suits this device and memory)")
+    parser.add_argument("--iterations", type=int, default=None, help="overrides the preset")
+    parser.add_argument("--views", type=int, default=None, help="rendered views per iteration (overrides the preset)")
+    parser.add_argument("--render-resolution", type=int, default=None)
+    parser.add_argument("--grid-resolution", type=int, default=None)
     parser.add_argument("--crops", action="store_true", help="random crops and perspective for CLIP (Text2Mesh)")
     parser.add_argument("--shape-name", default="", help='the [shape] in "A [shape] imitating a [style]" (sds)')
 
@@ -146,8 +151,9 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "grid_resolution": args.grid_resolution,
         "crops": bool(args.crops),
         "shape_name": args.shape_name,
+        "preset": args.preset,
     }
-    return params, [mesh]
+    return {k: v for k, v in params.items() if v is not None}, [mesh]
 
 
 def _check_value(name: str, value: Any, default: Any) -> Any:
@@ -291,7 +297,7 @@ def _to_u8(rgb: Tensor | np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, beta: float, device: str,
-                       chunk: int = 262_144) -> np.ndarray:
+                       chunk: int = 65_536) -> np.ndarray:
     """Sample the colour field at the original vertices (texture mode keeps the topology exactly).
 
     The rendered colour of a surface point is a transmittance-weighted average over a band of about ``beta``
@@ -307,6 +313,7 @@ def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, b
     out = np.zeros((len(v), 3), dtype=np.float64)
     offs = (-0.5 * beta, 0.0, 0.5 * beta)
     for s in range(0, len(v), chunk):
+        cancel_checkpoint()
         p = torch.as_tensor(v[s : s + chunk], dtype=torch.float32, device=device)
         nn_ = torch.as_tensor(n[s : s + chunk], dtype=torch.float32, device=device)
         acc = torch.zeros_like(p)
@@ -314,6 +321,93 @@ def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, b
             acc += color_fn((p + o * nn_).clamp(-0.5, 0.5))
         out[s : s + chunk] = (acc / len(offs)).cpu().numpy()
     return _to_u8(out)
+
+
+def _uv_texels(uvs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rasterise per-corner UV triangles (M, 3, 2) into a ``size`` x ``size`` image: for every covered texel its
+    row, column, triangle and barycentric weights (texel centres; row 0 is the top of the image, v = 1)."""
+    rows, cols, tris, bary = [], [], [], []
+    uv = np.asarray(uvs, dtype=np.float64) * size  # pixel units; v up
+    for t in range(len(uv)):
+        if t % 256 == 0:
+            cancel_checkpoint()
+        a, b, c = uv[t]
+        lo = np.floor(np.minimum(np.minimum(a, b), c) - 0.5).astype(int)
+        hi = np.ceil(np.maximum(np.maximum(a, b), c) + 0.5).astype(int)
+        lo = np.clip(lo, 0, size - 1)
+        hi = np.clip(hi, 0, size - 1)
+        if (hi < lo).any():
+            continue
+        xs, ys = np.meshgrid(np.arange(lo[0], hi[0] + 1) + 0.5, np.arange(lo[1], hi[1] + 1) + 0.5, indexing="xy")
+        px, py = xs.ravel(), ys.ravel()
+        den = (b[1] - c[1]) * (a[0] - c[0]) + (c[0] - b[0]) * (a[1] - c[1])
+        if abs(den) < 1e-12:
+            continue
+        w0 = ((b[1] - c[1]) * (px - c[0]) + (c[0] - b[0]) * (py - c[1])) / den
+        w1 = ((c[1] - a[1]) * (px - c[0]) + (a[0] - c[0]) * (py - c[1])) / den
+        w2 = 1.0 - w0 - w1
+        eps = -1e-6
+        inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
+        if not inside.any():
+            continue
+        rows.append((size - 1 - np.floor(py[inside])).astype(np.int64))
+        cols.append(np.floor(px[inside]).astype(np.int64))
+        tris.append(np.full(int(inside.sum()), t, dtype=np.int64))
+        bary.append(np.stack([w0[inside], w1[inside], w2[inside]], axis=1))
+    if not rows:
+        z = np.zeros(0, np.int64)
+        return z, z, z, np.zeros((0, 3))
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(tris), np.concatenate(bary)
+
+
+@torch.no_grad()
+def bake_texture(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: int, beta: float,
+                 device: str, chunk: int = 65_536) -> np.ndarray:
+    """The colour field baked onto a UV map: an (size, size, 4) uint8 RGBA image (alpha 0 outside the islands,
+    which are padded by a few texels so mip-mapping and filtering do not bleed the background in).
+
+    Each covered texel takes the colour of its surface point (barycentric on its triangle, unit cube), averaged
+    over ``beta / 2`` in front and behind along the face normal, like :func:`bake_vertex_colors`."""
+    from scipy import ndimage
+
+    v = np.asarray(vertices_unit, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    r, c, t, w = _uv_texels(uvs, size)
+    tri = v[f[t]]  # (K, 3, 3)
+    pts = np.einsum("kj,kjd->kd", w, tri)
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    rgb = np.zeros((len(pts), 3))
+    offs = (-0.5 * beta, 0.0, 0.5 * beta)
+    for s in range(0, len(pts), chunk):
+        cancel_checkpoint()
+        p = torch.as_tensor(pts[s : s + chunk], dtype=torch.float32, device=device)
+        nn_ = torch.as_tensor(n[s : s + chunk], dtype=torch.float32, device=device)
+        acc = torch.zeros_like(p)
+        for o in offs:
+            acc += color_fn((p + o * nn_).clamp(-0.5, 0.5))
+        rgb[s : s + chunk] = (acc / len(offs)).cpu().numpy()
+    img = np.zeros((size, size, 4), dtype=np.uint8)
+    img[r, c, :3] = _to_u8(rgb)
+    img[r, c, 3] = 255
+    covered = img[..., 3] > 0
+    if covered.any() and not covered.all():
+        cancel_checkpoint()
+        dist, (ir, ic) = ndimage.distance_transform_edt(~covered, return_indices=True)
+        pad = (~covered) & (dist <= max(2, size // 128))
+        img[pad, :3] = img[ir[pad], ic[pad], :3]
+        img[pad, 3] = 255
+    return img
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _occupancy_grid(field, beta: float) -> Tensor:
@@ -337,10 +431,16 @@ def _resample(grid: Tensor, resolution: int) -> Tensor:
     """A (R, R, R) grid resampled to ``resolution`` samples per axis (same unit-cube convention)."""
     if grid.shape[0] == resolution:
         return grid
-    from backend.fields.grid import grid_points, sample_grid
+    from backend.fields.grid import BBOX_MAX, BBOX_MIN, sample_grid
 
-    pts = grid_points(resolution, device=grid.device)
-    return sample_grid(grid[None], pts)[..., 0]
+    lin = torch.linspace(BBOX_MIN, BBOX_MAX, resolution, device=grid.device)
+    out = torch.empty((resolution,) * 3, device=grid.device, dtype=grid.dtype)
+    step = max(1, (1 << 21) // (resolution * resolution))  # ~2 M samples per slab: a cancel stops between slabs
+    for i in range(0, resolution, step):
+        cancel_checkpoint()
+        pts = torch.stack(torch.meshgrid(lin[i : i + step], lin, lin, indexing="ij"), dim=-1)
+        out[i : i + step] = sample_grid(grid[None], pts)[..., 0]
+    return out
 
 
 def iou(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
@@ -552,7 +652,11 @@ class _Stylizer:
 
         def colors_at(points: np.ndarray) -> np.ndarray:
             pts = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-            return torch.cat([self.color_fn(c) for c in pts.split(262_144)]).float().cpu().numpy()
+            parts = []
+            for c in pts.split(65_536):
+                cancel_checkpoint()
+                parts.append(self.color_fn(c))
+            return torch.cat(parts).float().cpu().numpy()
 
         v_unit, f, colors = _marching_cubes(occ.float().cpu().numpy(), colors_at)
         if len(f) == 0:
@@ -597,7 +701,19 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
                 yield st.remeshed(min(cfg.preview_resolution, cfg.grid_resolution), final=False)
     ctx.cancel.check()
     if cfg.mode == "texture":
+        mesh = inputs[0]
+        if mesh.uvs is not None and cfg.texture_size > 0:
+            # the artist's mesh keeps its UV map: the style goes onto it as an image texture (sent before the
+            # final mesh, so the client has it when it builds the result)
+            yield Progress("bake", 0, 1, f"baking a {cfg.texture_size}^2 texture onto the UV map")
+            rgba = bake_texture(st.color_fn, st.prep.vertices_unit, st.prep.faces, mesh.uvs, cfg.texture_size,
+                                cfg.beta, st.device)
+            yield Image(_png(rgba), "baked texture")
+            yield Progress("bake", 1, 1, "texture baked")
         out = st.texture_mesh(final=True)
+        if mesh.uvs is not None and cfg.texture_size > 0:
+            out.info["texture"] = "baked texture"
+            out.info["texture_size"] = cfg.texture_size
     else:
         out = st.remeshed(cfg.output_resolution or cfg.grid_resolution, final=True)
         if len(out.faces) == 0:
@@ -613,6 +729,6 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     if cfg.mode == "sds":
         info["prompt"] = st.prompt
     info.update({f"loss_{k}": v for k, v in terms.items()})
-    out.info = info
+    out.info = {**out.info, **info}
     log.info("stylize %s done in %.1fs: %s", cfg.mode, info["seconds"], info)
     yield out

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from backend.events import checkpoint as cancel_checkpoint
 from backend.render.cameras import Cameras, camera_rays
 
 BBOX = 0.5
@@ -87,6 +88,7 @@ def _composite(
     field, o: Tensor, d: Tensor, t_near: Tensor, t_far: Tensor, u: Tensor, normals: Optional[str], color_thres: float
 ):
     """Render rays (N,) with sample offsets ``u`` (N, K) in [0, 1); returns (rgb, acc, depth_sum, normal)."""
+    cancel_checkpoint()  # a cancelled job stops within one chunk (also while backward recomputes chunks)
     t = t_near[:, None] + (t_far - t_near)[:, None] * u  # (N, K)
     mids = 0.5 * (t[:, 1:] + t[:, :-1])
     edges = torch.cat([t_near[:, None], mids, t_far[:, None]], dim=-1)

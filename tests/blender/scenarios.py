@@ -146,7 +146,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
     """Connect, generate, re-import, stylize, gallery, cancel, selection errors, unregister."""
     d = Driver(bpy, mod)
     s = d.s
-    scn = bpy.context.scene
+    # an undo replaces the Scene datablock: always look the scene up again (no stale reference)
     options = json.loads(args.options or "{}")
 
     def opts(workflow: str) -> str:
@@ -178,8 +178,8 @@ def group_main(bpy, mod, args, results: dict) -> None:
     def _():
         wf = generate_workflow()
         before = set(bpy.data.objects.keys())
-        scn.cursor.location = (0.0, 0.0, 0.0)
-        st = scn.stepstone
+        bpy.context.scene.cursor.location = (0.0, 0.0, 0.0)
+        st = bpy.context.scene.stepstone
         st.spacing = 2.0
         if wf == "text-to-shape":
             st.prompt = "a chair"
@@ -207,7 +207,14 @@ def group_main(bpy, mod, args, results: dict) -> None:
 
         elapsed = d.until(cond, 300, f"{wf} job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
-        return {"workflow": wf, "state": job.state, "error": job.error, "states": seen_states,
+        from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
+
+        others = [ascene.world_box(o) for o in bpy.data.objects if o.type == "MESH" and o.name not in job.slots.values()]
+        mine = [ascene.world_box(o) for o in objs]
+        overlaps = sum(1 for a in mine for b in others if b and ascene._overlap(a, b))
+        return {"workflow": wf, "state": job.state, "error": job.error, "states": seen_states, "preset": job.preset,
+                "overlaps": overlaps, "undo_pushes": s.undo_pushes,
+                "pre_existing": sorted(o.name for o in bpy.data.objects if o.name in before and o.type == "MESH"),
                 "meshes_received": job.meshes_received, "slots": sorted(job.slots), "finals": sorted(job.finals),
                 "objects": [mesh_summary(bpy, o) for o in objs], "same_object_per_slot": same["ok"],
                 "new_objects": sorted(set(bpy.data.objects.keys()) - before), "collection": job.collection_actual,
@@ -234,7 +241,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
         me = bpy.data.meshes.new("quad")
         me.from_pydata([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)], [], [(0, 1, 2, 3)])
         ob = bpy.data.objects.new("Quad", me)
-        scn.collection.objects.link(ob)
+        bpy.context.scene.collection.objects.link(ob)
         mod_ = ob.modifiers.new("sub", "SUBSURF")
         mod_.levels = 2
         dg = bpy.context.evaluated_depsgraph_get()
@@ -245,7 +252,7 @@ def group_main(bpy, mod, args, results: dict) -> None:
         except ascene.SelectionError as exc:
             err = str(exc)
         empty = bpy.data.objects.new("AnEmpty", None)
-        scn.collection.objects.link(empty)
+        bpy.context.scene.collection.objects.link(empty)
         payloads, skipped = ascene.selection_payloads([ob, empty], dg)
         bpy.data.objects.remove(empty)
         bpy.data.objects.remove(ob)
@@ -274,20 +281,142 @@ def group_main(bpy, mod, args, results: dict) -> None:
         if not ok:
             out["poll"] = bpy.ops.stepstone.stylize.poll()
             raise RuntimeError(f"stylize unavailable: {why}")
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.style = "made of gold"
         st.mode = "texture"
         st.strength = 0.5
         st.replace_source = False
+        artist = bpy.data.materials.new("ArtistMaterial")
+        artist.use_nodes = True
+        src.data.materials.append(artist)
         src_mesh = src.data.name
+        import numpy as np
+
+        def uv_data(me):
+            buf = np.empty(len(me.loops) * 2, np.float32)
+            me.uv_layers.active.uv.foreach_get("vector", buf)
+            return buf
+
+        def loop_totals(me):
+            buf = np.empty(len(me.polygons), np.int32)
+            me.polygons.foreach_get("loop_total", buf)
+            return buf.tolist()
+
+        src_polys, src_uv, src_totals = len(src.data.polygons), uv_data(src.data), loop_totals(src.data)
         assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
         job = s.jobs[0]
         d.until(lambda: d.job_settled(job), 300, "stylize job")
         objs = [bpy.data.objects[n] for n in job.slots.values()]
+        res = objs[0]
+        mat = res.data.materials[0] if len(res.data.materials) else None
+        tex = next((n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"), None) if mat and mat.use_nodes else None
+        img = tex.image if tex is not None else None
+        px = np.empty(int(img.size[0] * img.size[1] * 4), np.float32) if img is not None else None
+        if img is not None:
+            img.pixels.foreach_get(px)
+        out["kept"] = {
+            "polygons": [src_polys, len(res.data.polygons)], "loop_totals_equal": loop_totals(res.data) == src_totals,
+            "uv_maps": [[u.name for u in src.data.uv_layers], [u.name for u in res.data.uv_layers]],
+            "uv_equal": bool(len(res.data.uv_layers) and np.allclose(uv_data(res.data), src_uv)),
+            "modifiers": [m.type for m in res.modifiers], "source_material": [m.name for m in src.data.materials],
+            "result_material": mat.name if mat else None,
+            "texture": None if img is None else {"name": img.name, "size": list(img.size),
+                                                   "distinct": int(len(np.unique(np.round(px.reshape(-1, 4)[:, :3]
+                                                                                          * 255), axis=0))),
+                                                   "uv_node": next((n.uv_map for n in mat.node_tree.nodes
+                                                                    if n.type == "UVMAP"), None)},
+            "baked_image": job.baked_image, "preview_objects_left": [o.name for o in bpy.data.objects
+                                                                     if o.get("stepstone_job") == job.key
+                                                                     and o.name != res.name]}
+        from bl_ext.user_default.stepstone import scene as ascene  # type: ignore[import-not-found]
+
         out.update({"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
                     "source_matrix": [list(r) for r in src.matrix_world], "source_mesh_kept": src.data.name == src_mesh,
-                    "source_name": src.name})
+                    "source_name": src.name, "preset": job.preset, "offset": list(job.placement.offset),
+                    "overlaps_source": any(ascene._overlap(ascene.world_box(o), ascene.world_box(src)) for o in objs)})
         return out
+
+    @step(results, "replace_cancel")
+    def _():
+        """Stylize with "Replace source mesh", cancelled while its previews stream into the source: the artist's
+        own mesh comes back."""
+        src = bpy.data.objects.get("StyleSource")
+        if src is None:
+            raise RuntimeError("the stylize step did not run")
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        src.select_set(True)
+        bpy.context.view_layer.objects.active = src
+        st = bpy.context.scene.stepstone
+        st.mode = "shape"
+        st.replace_source = True
+        original = src.data.name
+        slow = dict(json.loads(opts("stylize")), iterations=4000, preview_every=1, preview_resolution=16)
+        assert bpy.ops.stepstone.stylize(options=json.dumps(slow)) == {"FINISHED"}
+        job = s.jobs[0]
+        try:
+            d.until(lambda: src.data.name != original, 120, "a preview streamed into the source")
+            during = src.data.name
+            assert bpy.ops.stepstone.cancel(job=job.key) == {"FINISHED"}
+            d.until(lambda: d.job_settled(job) and not job.cleanup_pending, 60, "cancellation")
+        finally:
+            st.replace_source = False
+            st.mode = "texture"
+        return {"state": job.state, "original": original, "during": during, "after": src.data.name,
+                "fake_user": bpy.data.meshes[original].use_fake_user, "preview_mesh_left": during in bpy.data.meshes}
+
+    @step(results, "replace_texture")
+    def _():
+        """Texture mode with "Replace source mesh": the source keeps its mesh and gets the baked material; the
+        artist's material stays in the file; Ctrl-Z gives the old material back."""
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.4, location=(8.0, -3.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "ReplaceTextureSource"
+        mat = bpy.data.materials.new("ReplaceArtistMaterial")
+        src.data.materials.append(mat)
+        mesh_name = src.data.name
+        bpy.ops.ed.undo_push(message="source ready")
+        st = bpy.context.scene.stepstone
+        st.mode, st.replace_source = "texture", True
+        try:
+            assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+            job = s.jobs[0]
+            d.until(lambda: d.job_settled(job), 120, "replace-texture stylize")
+        finally:
+            bpy.context.scene.stepstone.replace_source = False
+        src = bpy.data.objects["ReplaceTextureSource"]
+        out = {"state": job.state, "error": job.error, "same_mesh": src.data.name == mesh_name,
+               "polygons": len(src.data.polygons), "material": src.data.materials[0].name,
+               "has_texture": any(n.type == "TEX_IMAGE" for n in src.data.materials[0].node_tree.nodes)
+               if src.data.materials[0].use_nodes else False,
+               "artist_material_kept": "ReplaceArtistMaterial" in bpy.data.materials}
+        out["undo"] = sorted(bpy.ops.ed.undo())
+        src = bpy.data.objects["ReplaceTextureSource"]
+        out["material_after_undo"] = src.data.materials[0].name
+        return out
+
+    @step(results, "stylize_no_uv")
+    def _():
+        """Texture mode on a mesh without a UV map: the same polygons, the style as a colour attribute."""
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.5, location=(6.0, 3.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "NoUVSource"
+        while len(src.data.uv_layers):
+            src.data.uv_layers.remove(src.data.uv_layers[0])
+        src.data.update()
+        bpy.context.view_layer.update()  # the evaluated mesh (what is sent) without the UV map too
+        st = bpy.context.scene.stepstone
+        st.mode = "texture"
+        assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "stylize job (no UV map)")
+        res = bpy.data.objects[list(job.slots.values())[0]]
+        return {"state": job.state, "error": job.error, "polygons": [len(src.data.polygons), len(res.data.polygons)],
+                "summary": mesh_summary(bpy, res), "baked_image": job.baked_image}
 
     @step(results, "gallery")
     def _():
@@ -301,10 +430,10 @@ def group_main(bpy, mod, args, results: dict) -> None:
         bpy.ops.mesh.primitive_uv_sphere_add(radius=0.4, location=(-4, 0, 0), segments=16, ring_count=8)
         b = bpy.context.active_object
         cam = bpy.data.objects.new("GalleryCam", bpy.data.cameras.new("GalleryCam"))
-        scn.collection.objects.link(cam)
+        bpy.context.scene.collection.objects.link(cam)
         for o in (a, b, cam):
             o.select_set(True)
-        st = scn.stepstone
+        st = bpy.context.scene.stepstone
         st.count = 3
         st.subjects = "tower, gate"
         st.spacing = 1.5
@@ -351,9 +480,155 @@ def group_main(bpy, mod, args, results: dict) -> None:
         job = s.submit("diagnostic", {"steps": 200, "resolution": 16, "delay": 0.05}, None, "slow diagnostic",
                        Placement(collection="Stepstone: cancel test"))
         d.until(lambda: job.meshes_received >= 1 and job.job_id is not None, 60, "first mesh of the slow job")
+        d.until(lambda: bool(job.slots) and bool(bpy.data.objects.get(list(job.slots.values())[0])), 60,
+                "the first preview object")
+        preview = list(job.slots.values())[0]
+        coll = job.collection_actual
         assert bpy.ops.stepstone.cancel(job=job.key) == {"FINISHED"}
-        d.until(lambda: d.job_settled(job), 30, "cancellation")
-        return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step}
+        d.until(lambda: d.job_settled(job) and not job.cleanup_pending, 30, "cancellation")
+        return {"state": job.state, "error": job.error, "meshes_received": job.meshes_received, "step": job.step,
+                "preview_left": bpy.data.objects.get(preview) is not None,
+                "collection_left": bpy.data.collections.get(coll) is not None,
+                "objects_of_job": [o.name for o in bpy.data.objects if o.get("stepstone_job") == job.key]}
+
+    @step(results, "panels_draw")
+    def _():
+        """Every panel's draw function on the real session and scene. Background mode has no UI layout, so the
+        panels draw into a recorder that keeps what they put in it; the check is that long messages come whole
+        (wrapped to the region's width, nothing dropped) and that no line is wider than the region."""
+        from bl_ext.user_default.stepstone import panels as apanels  # type: ignore[import-not-found]
+        from bl_ext.user_default.stepstone.jobs import JobRecord  # type: ignore[import-not-found]
+
+        class Recorder:
+            def __init__(self, sink):
+                self.sink = sink
+                self.enabled = True
+
+            def _child(self, *a, **k):
+                return Recorder(self.sink)
+
+            row = column = box = split = _child
+
+            def label(self, text="", icon="NONE", **k):
+                self.sink.append(text)
+
+            def prop(self, *a, **k):
+                pass
+
+            def operator(self, *a, **k):
+                class Op:
+                    pass
+                return Op()
+
+            def progress(self, **k):
+                self.sink.append(k.get("text", ""))
+
+            def template_ID(self, *a, **k):
+                pass
+
+        class Region:
+            width = 300
+
+        class Ctx:
+            scene = bpy.context.scene
+            region = Region()
+            preferences = bpy.context.preferences
+            active_object = bpy.context.active_object
+            selected_objects = list(bpy.context.selected_objects)
+
+        hint = ("the starter set has no text-to-image model and stabilityai/stable-diffusion-2-1-base is not "
+                "downloaded \u2014 run `python -m backend models download diffusion` on the backend's machine")
+        s.notice(hint)
+        failed = JobRecord(request_id="long", workflow="stylize", label="a very long label " * 4)
+        failed.finish("failed", "The backend ran out of memory while running stylize at the Paper preset. Choose "
+                                "the Standard preset, or close other programs on the backend's machine, and run "
+                                "it again.")
+        s.jobs.append(failed)
+        out = {}
+        try:
+            for cls in apanels.classes:
+                sink: list = []
+                fake = type("P", (), {"layout": Recorder(sink)})()
+                cls.draw(fake, Ctx())
+                out[cls.__name__] = sink
+        finally:
+            s.jobs.remove(failed)
+        width = apanels._width(Ctx())
+        every = [t for sink in out.values() for t in sink]
+        return {"width": width, "longest": max(len(t) for t in every), "text": " ".join(every), "hint": hint,
+                "error": failed.error, "label": failed.label.strip(), "panels": sorted(out)}
+
+    @step(results, "undo")
+    def _():
+        """What Ctrl-Z does after a result arrived from the timer (background mode has no window: ed.undo may be
+        refused there; the outcome is recorded either way)."""
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        pushes = s.undo_pushes
+        try:
+            bpy.ops.ed.undo_push(message="before stepstone job")
+            pushed_before = True
+        except RuntimeError as exc:
+            pushed_before = str(exc)
+        job = s.submit("diagnostic", {"steps": 2, "resolution": 16}, None, "undo me",
+                       Placement(collection="Stepstone: undo"))
+        d.until(lambda: d.job_settled(job), 60, "undo job")
+        name = list(job.slots.values())[0]
+        out = {"pushed_before": pushed_before, "result_pushes": s.undo_pushes - pushes,
+               "exists_before_undo": bpy.data.objects.get(name) is not None}
+        try:
+            out["undo"] = sorted(bpy.ops.ed.undo())
+            out["exists_after_undo"] = bpy.data.objects.get(name) is not None
+        except RuntimeError as exc:
+            out["undo"] = f"refused: {exc}"
+            return out
+        # ... and after a stylize (texture mode: a copy of the source with a baked texture, beside it)
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        bpy.ops.mesh.primitive_cube_add(size=0.4, location=(-6.0, 4.0, 0.0))
+        src = bpy.context.active_object
+        src.name = "UndoSource"
+        bpy.ops.ed.undo_push(message="add the source")
+        st = bpy.context.scene.stepstone
+        st.mode, st.replace_source = "texture", False
+        assert bpy.ops.stepstone.stylize(options=opts("stylize")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 120, "stylize job to undo")
+        res = list(job.slots.values())[0]
+        out["stylize_result_before_undo"] = bpy.data.objects.get(res) is not None
+        out["stylize_undo"] = sorted(bpy.ops.ed.undo())
+        out["stylize_result_after_undo"] = bpy.data.objects.get(res) is not None
+        src = bpy.data.objects.get("UndoSource")
+        out["source_after_undo"] = None if src is None else {"polygons": len(src.data.polygons),
+                                                             "materials": [m.name for m in src.data.materials if m]}
+        # the timer keeps running after an undo: a later tick must not bring the result back or fail
+        for _ in range(20):
+            s.tick()
+        out["stylize_result_after_ticks"] = bpy.data.objects.get(res) is not None
+        return out
+
+    @step(results, "image_to_shape")
+    def _():
+        ok, why = s.workflow_available("image-to-shape")
+        if not ok:
+            raise RuntimeError(f"image-to-shape unavailable: {why}")
+        import numpy as np
+
+        img = bpy.data.images.new("Red block \u2014 concept", 48, 48)
+        px = np.zeros((48, 48, 4), np.float32)
+        px[..., 3] = 1.0
+        px[12:36, 12:36, :3] = (0.8, 0.1, 0.1)
+        img.pixels.foreach_set(px.ravel())
+        st = bpy.context.scene.stepstone  # after an undo the old Scene reference is gone
+        st.image_source = "IMAGE"
+        st.image = img
+        poll = bpy.ops.stepstone.image_to_shape.poll()
+        assert bpy.ops.stepstone.image_to_shape(options=opts("image-to-shape")) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "image-to-shape job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"poll": poll, "state": job.state, "error": job.error, "workflow": job.workflow,
+                "objects": [mesh_summary(bpy, o) for o in objs]}
 
     @step(results, "connect_errors")
     def _():
@@ -385,6 +660,22 @@ def group_main(bpy, mod, args, results: dict) -> None:
         out["online_access"] = bpy.app.online_access
         out["state"] = s.state
         return out
+
+    @step(results, "file_new")
+    def _():
+        """A job started in one file never writes into another (File > New while it runs)."""
+        from bl_ext.user_default.stepstone.jobs import Placement  # type: ignore[import-not-found]
+
+        if not s.connected:
+            d.connect(args.connection_file)
+        job = s.submit("diagnostic", {"steps": 40, "resolution": 16, "delay": 0.1}, None, "old file job",
+                       Placement(collection="Stepstone: old file"))
+        d.until(lambda: bool(job.slots), 60, "the first preview in the old file")
+        bpy.ops.wm.read_homefile(use_empty=True)
+        d.until(lambda: d.job_settled(job), 120, "the job to finish after File > New")
+        leaked = [o.name for o in bpy.data.objects if o.get("stepstone_job") == job.key]
+        return {"state": job.state, "detached": job.detached, "leaked": leaked, "message": job.message,
+                "objects_in_new_file": len(bpy.data.objects)}
 
     @step(results, "unregister")
     def _():

@@ -19,9 +19,10 @@ TINY_OPTIONS = {
     "text-to-shape": {"iterations": 2, "views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16,
                       "preview_resolution": 12, "preview_every": 1},
     "stylize": {"iterations": 4, "views": 2, "render_resolution": 32, "n_samples": 16, "grid_resolution": 32,
-                "preview_every": 2, "eval_views": 2},
+                "preview_every": 2, "eval_views": 2, "texture_size": 64},
     # the backend's own "smoke" preset (seconds on a CPU), with a few more DSD steps so previews stream
     "gallery": {"preset": "smoke", "config": {"optimize": {"iterations": 4, "mesh_every": 2}}},
+    "image-to-shape": {"config": {"mesh_resolution": 24, "steps": 4}},
 }
 
 
@@ -94,9 +95,14 @@ def test_generate_streams_mesh_with_vertex_colours(main_run):
     for o in s["objects"]:
         _check_object(o)
         assert o["collections"] == [s["collection"]]
-    # variants on a grid of 2.0 m spacing from the 3D cursor at the origin
+    # variants on a grid of 2.0 m spacing next to the 3D cursor (at the origin), moved along +X off the objects
+    # already there (the start-up file's cube sits at the cursor): nothing overlaps
     locs = sorted(tuple(round(c, 3) for c in o["location"]) for o in s["objects"])
-    assert locs == [(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)]
+    assert len(locs) == 2 and locs[1][0] - locs[0][0] == 2.0 and locs[0][1:] == locs[1][1:] == (0.0, 0.0)
+    if s["pre_existing"]:
+        assert locs[0][0] > 0.0
+    assert s["overlaps"] == 0, "a generated object overlaps an object that was already in the scene"
+    assert s["preset"] == "standard"  # the backend's default for a CPU, reported back with `accepted`
 
 
 def test_reimport_makes_new_objects(main_run):
@@ -116,14 +122,58 @@ def test_selection_is_evaluated_triangulated_and_limited(main_run):
     assert s["skipped"] == ["AnEmpty (empty, not a mesh)"] and s["n_payloads"] == 1
 
 
+def test_stylize_texture_mode_keeps_the_artists_mesh_and_bakes_a_texture(main_run):
+    s = step(main_run, "stylize")
+    assert s["state"] == "done", s["error"]
+    k = s["kept"]
+    # the source's own polygons (quads, not the triangles that were sent), UV map and modifiers
+    assert k["polygons"][0] == k["polygons"][1] == 6 and k["loop_totals_equal"]
+    assert k["uv_maps"][0] == k["uv_maps"][1] and k["uv_maps"][0] and k["uv_equal"]
+    assert k["modifiers"] == ["BEVEL"]
+    # a new material per slot with the baked image on the active UV map; the artist's material stays on the source
+    assert k["source_material"] == ["ArtistMaterial"] and k["result_material"] != "ArtistMaterial"
+    assert "ArtistMaterial" in k["result_material"]
+    t = k["texture"]
+    assert t is not None and t["size"] == [64, 64] and t["distinct"] > 4 and t["uv_node"] == k["uv_maps"][0][0]
+    assert k["baked_image"] == t["name"] and k["preview_objects_left"] == []
+
+
+def test_a_cancelled_stylize_that_replaced_the_source_gives_its_mesh_back(main_run):
+    s = step(main_run, "replace_cancel")
+    assert s["state"] == "cancelled" and s["during"] != s["original"]
+    assert s["after"] == s["original"] and not s["fake_user"] and not s["preview_mesh_left"]
+
+
+def test_stylize_texture_mode_replacing_the_source_changes_only_its_material_undoably(main_run):
+    s = step(main_run, "replace_texture")
+    assert s["state"] == "done", s["error"]
+    assert s["same_mesh"] and s["polygons"] == 6
+    assert s["material"] != "ReplaceArtistMaterial" and s["has_texture"] and s["artist_material_kept"]
+    assert s["undo"] == ["FINISHED"] and s["material_after_undo"] == "ReplaceArtistMaterial"
+
+
+def test_stylize_texture_mode_without_uvs_uses_a_colour_attribute(main_run):
+    s = step(main_run, "stylize_no_uv")
+    assert s["state"] == "done", s["error"]
+    assert s["polygons"] == [6, 6] and s["baked_image"] is None
+    ca = s["summary"]["colour_attribute"]
+    assert ca is not None and ca["domain"] == "POINT"
+    assert s["summary"]["material_uses_attribute"]
+
+
 def test_stylize_result_keeps_source_transform(main_run):
     s = step(main_run, "stylize")
     assert s["state"] == "done", s["error"]
     assert len(s["objects"]) == 1
     o = s["objects"][0]
-    _check_object(o)
     assert o["name"] != s["source_name"] and s["source_mesh_kept"]
-    np.testing.assert_allclose(np.array(o["matrix_world"]), np.array(s["source_matrix"]), atol=1e-5)
+    # the source's rotation and scale, placed beside it (not z-fighting on top): its translation moved by the offset
+    m, src = np.array(o["matrix_world"]), np.array(s["source_matrix"])
+    np.testing.assert_allclose(m[:3, :3], src[:3, :3], atol=1e-5)
+    assert s["offset"][0] > 0.3
+    np.testing.assert_allclose(m[:3, 3], src[:3, 3] + np.array(s["offset"]), atol=1e-5)
+    assert not s["overlaps_source"]
+    assert s["preset"] == "standard"
 
 
 def test_gallery_of_three_in_new_collection_on_grid(main_run):
@@ -154,10 +204,47 @@ def test_fixed_size_stream_updates_the_mesh_in_place(main_run):
     assert s["object"]["colour_attribute"]["mean"][2] > 0.9  # the last step's colours (blue = 255 at t=1)
 
 
-def test_cancel_stops_a_running_job(main_run):
+def test_cancel_stops_a_running_job_and_removes_its_preview(main_run):
     s = step(main_run, "cancel")
     assert s["state"] == "cancelled"
     assert s["meshes_received"] < 200
+    assert not s["preview_left"] and not s["collection_left"] and s["objects_of_job"] == []
+
+
+def test_panels_show_whole_messages_wrapped_to_the_region(main_run):
+    s = step(main_run, "panels_draw")
+    assert "STEPSTONE_PT_image" in s["panels"] and "STEPSTONE_PT_jobs" in s["panels"]
+    assert s["longest"] <= s["width"]
+    text = " ".join(s["text"].split())
+    for whole in (s["hint"], s["error"], s["label"]):
+        assert " ".join(whole.split()) in text, whole  # nothing cut: the fix command and the em-dash included
+
+
+def test_undo_after_a_result_arrived(main_run):
+    s = step(main_run, "undo")
+    assert s["exists_before_undo"] and s["pushed_before"] is True
+    # each final result that arrives from the timer is its own undo step
+    assert s["result_pushes"] == 1
+    if isinstance(s["undo"], str):  # background mode: no window to undo in; recorded, not claimed
+        pytest.skip(f"bpy.ops.ed.undo in background mode: {s['undo']}")
+    assert s["undo"] == ["FINISHED"] and not s["exists_after_undo"], s
+    # Ctrl-Z after a stylize takes the stylized copy out and leaves the source as it was
+    assert s["stylize_result_before_undo"] and s["stylize_undo"] == ["FINISHED"]
+    assert not s["stylize_result_after_undo"] and not s["stylize_result_after_ticks"]
+    assert s["source_after_undo"] == {"polygons": 6, "materials": []}
+
+
+def test_image_to_shape_from_an_image_datablock(main_run):
+    s = step(main_run, "image_to_shape")
+    assert s["poll"] is True and s["workflow"] == "image-to-shape"
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 1 and s["objects"][0]["faces"] > 0
+
+
+def test_a_job_never_writes_into_another_file(main_run):
+    s = step(main_run, "file_new")
+    assert s["detached"] and s["leaked"] == []
+    assert s["state"] == "done" and "Re-import" in s["message"]
 
 
 def test_connection_settings_errors_are_messages(main_run):

@@ -98,6 +98,9 @@ def test_build_zip_contents(tmp_path):
             assert zf.read(f"stepstone/shared/{f.name}") == f.read_bytes()
     assert manifest["id"] == "stepstone" and manifest["type"] == "add-on"
     assert manifest["platforms"] == ["linux-x64"] and manifest["blender_version_min"] == "4.2.0"
+    # the Python 3.11 build does not install on Blender 5.1+ (Python 3.13: its pyzmq wheel cannot load); max is
+    # exclusive in Blender's manifest
+    assert manifest["blender_version_max"] == "5.1.0"
     pyzmq = build_addon.pinned_version("pyzmq")
     assert len(manifest["wheels"]) == 1
     whl = manifest["wheels"][0]
@@ -118,6 +121,53 @@ def test_build_zip_contents(tmp_path):
         if n.endswith(".py") and not n.startswith("stepstone/shared/"):
             src = zipfile.ZipFile(zpath).read(n).decode()
             assert "import torch" not in src and "from backend" not in src and "import backend" not in src
+
+
+def test_manifest_per_blender_python(tmp_path):
+    import build_addon
+
+    src = ROOT / "blender_addon" / "blender_manifest.toml"
+    for pv in sorted(build_addon.BLENDER_MIN):
+        dst = tmp_path / f"m{pv}.toml"
+        build_addon.write_manifest(src, dst, wheels=[], platforms=["linux-x64"],
+                                   blender_min=build_addon.BLENDER_MIN[pv], blender_max=build_addon.BLENDER_MAX[pv])
+        m = tomllib.loads(dst.read_text())
+        assert m["blender_version_min"] == build_addon.BLENDER_MIN[pv]
+        assert m.get("blender_version_max") == build_addon.BLENDER_MAX[pv]
+    # the ranges do not overlap and leave no gap: every Blender from 4.2 gets exactly one zip
+    assert build_addon.BLENDER_MAX["3.11"] == build_addon.BLENDER_MIN["3.13"]
+
+
+def test_whole_messages_wrap_and_names_never_split_a_character():
+    from blender_addon.textfit import chars_per_line, fit_bytes, prompt_warning, wrap
+
+    hint = ("the starter set has no text-to-image model (backend/models/starter/diffusion) and "
+            "stabilityai/stable-diffusion-2-1-base is not downloaded \u2014 run `python -m backend models download "
+            "diffusion` on the backend's machine")
+    for width in (20, 33, 48, 80):
+        lines = wrap(hint, width)
+        assert all(len(line) <= width for line in lines)
+        assert "".join(lines).replace(" ", "") == hint.replace(" ", "")  # nothing dropped, the fix included
+        assert any("models download" in line or "download" in line for line in lines)
+    assert chars_per_line(300, 1.0) < chars_per_line(600, 1.0) and chars_per_line(600, 2.0) < chars_per_line(600, 1.0)
+    name = "Stuhl \u2014 " + "\u4e00\u628a\u7ea2\u8272\u7684\u6905\u5b50" * 5
+    short = fit_bytes(name)
+    assert len(short.encode("utf-8")) <= 63 and short.endswith("\u2026")
+    short.encode("utf-8").decode("utf-8")  # whole characters only
+    assert fit_bytes("a chair") == "a chair"
+    assert "English" in prompt_warning("\u4e00\u628a\u7ea2\u8272\u7684\u6905\u5b50", "starter")
+    assert prompt_warning("a red chair", "starter") == "" and prompt_warning("ein roter Stuhl", "starter") == ""
+    assert prompt_warning("\u4e00\u628a\u7ea2\u8272\u7684\u6905\u5b50", "pretrained") == ""
+
+
+def test_panels_and_session_have_no_fixed_character_cuts():
+    import re
+
+    for f in ("panels.py", "session.py", "operators.py"):
+        src = (ROOT / "blender_addon" / f).read_text()
+        cuts = [m.group(0) for m in re.finditer(r"(label|text|name|reason|why|line|message|status_line\(\))\)?\[:\d+\]",
+                                                 src)]
+        assert not cuts, f"{f}: fixed cuts {cuts}"
 
 
 def test_build_rejects_unknown_platform(tmp_path):

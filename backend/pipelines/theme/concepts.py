@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from backend.events import checkpoint as cancel_checkpoint
+
 IDENTIFIER = "sks"  # the paper's [V]
 
 
@@ -108,6 +110,7 @@ def img2img(
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x = bundle.add_noise(x0, noise, torch.full((len(x0),), int(ts[0]), device=x0.device))
     for t in ts:
+        cancel_checkpoint()
         eps = bundle.predict_noise(x, t, cond, uncond, guidance_scale)
         x = bundle.sampler.step(eps, t, x).prev_sample
     return bundle.from_model_space(x)
