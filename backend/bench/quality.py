@@ -125,6 +125,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m backend bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2 prompts, short stage 2, 4 shapes for CISP/SVR (about a minute on a CPU)")
     p.add_argument("--prompts", type=int, default=0, help="number of held-out text prompts (default 13: one per category; quick 2)")
+    p.add_argument("--freeform", type=int, default=-1,
+                   help=f"number of free-form prompts (default all {len(FREEFORM_PROMPTS)}; quick 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
@@ -135,6 +137,8 @@ def main(argv: list[str]) -> int:
     s = QualitySettings(**{**QUICK.__dict__}) if args.quick else QualitySettings()
     if args.prompts:
         s.prompts = args.prompts
+    if args.freeform >= 0:
+        s.freeform = min(args.freeform, len(FREEFORM_PROMPTS))
     s.seed = args.seed
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
 
@@ -287,7 +291,9 @@ def _freeform(profile, classifier, s: QualitySettings, device: str) -> dict:
     name = f"free-form prompts ({s.freeform}, default job)"
     row = {"cat": [], "col": [], "clip": []}
     empty = 0
-    for k, (prompt, category, colour) in enumerate(FREEFORM_PROMPTS[: s.freeform]):
+    # a shorter run takes prompts spread evenly over the list (it is ordered by category), not its head
+    pick = np.unique(np.linspace(0, len(FREEFORM_PROMPTS) - 1, s.freeform).round().astype(int))
+    for k, (prompt, category, colour) in enumerate(FREEFORM_PROMPTS[i] for i in pick):
         res = job.run(prompt, s.seed + k, 1)
         j = judge_latent(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], device)
         empty += j["empty"]
