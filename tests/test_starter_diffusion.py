@@ -186,3 +186,86 @@ def test_starter_capabilities_follow_the_diffusion_folder(trained, tmp_path, mon
     bundle = registry.load_profile("starter").diffusion()
     assert bundle.source == str(tmp_path / "diffusion") and bundle.resolution == 16
     registry.clear_cache()
+
+
+@pytest.fixture
+def starter_with_pixel_model(trained, tmp_path, monkeypatch):
+    """A starter folder: tiny CLIP / SVR / mapper (saved and loaded through the real code) + the trained pixel model."""
+    import shutil
+
+    from backend.models import registry
+    from backend.models.clip import ClipModel
+    from backend.models.mapper import Mapper
+    from backend.models.svr import SVRModel
+
+    ClipModel.tiny().save(tmp_path / "clip")
+    SVRModel.tiny().save(tmp_path / "svr")
+    Mapper.tiny().save(tmp_path / "mapper")
+    shutil.copytree(trained[1], tmp_path / "diffusion")
+    monkeypatch.setenv("STEPSTONE_STARTER_DIR", str(tmp_path))
+    monkeypatch.setenv("STEPSTONE_SD_MODEL", "stepstone-test/no-such-diffusion-model")
+    registry.clear_cache()
+    yield registry.load_profile("starter")
+    registry.clear_cache()
+
+
+def test_workflows_that_need_a_diffusion_model_run_on_the_starter_pixel_model(starter_with_pixel_model):
+    """SDS refinement, SDS stylization, Dream3D's image prior and a gallery (LoRA fine-tuning, concept images,
+    SVR lifting, DSD) run through the starter profile with the pixel-space model and its locked text tower."""
+    import trimesh
+
+    from backend.events import Image, JobContext, MeshInput, MeshUpdate
+    from backend.pipelines import get_workflow
+    from backend.pipelines import stylize
+
+    prof = starter_with_pixel_model
+    ctx = lambda: JobContext(profile=prof, device="cpu", seed=1)  # noqa: E731
+    t2s = get_workflow("text-to-shape")
+    small = {"iterations": 1, "views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16,
+             "preview_resolution": 12}
+    params = t2s.validate({"prompt": "a red chair", "quality": "refined", "refine_iterations": 2, **small}, [],
+                          profile=prof)
+    finals = [e for e in t2s.run(params, [], ctx()) if isinstance(e, MeshUpdate) and e.final]
+    assert len(finals) == 1 and len(finals[0].faces) > 0
+
+    params = t2s.validate({"prompt": "a red chair", "method": "dream3d", "shape_prior": "image",
+                           "dream3d_iterations": 1, **small}, [], profile=prof)
+    finals = [e for e in t2s.run(params, [], ctx()) if isinstance(e, MeshUpdate) and e.final]
+    assert len(finals) == 1
+
+    box = trimesh.creation.box((0.6, 0.6, 1.0))
+    mi = MeshInput("lamp", box.vertices.astype(np.float32), box.faces.astype(np.uint32), None, None)
+    p = stylize.validate({"style": "ice", "mode": "sds", "iterations": 2, "render_resolution": 16,
+                          "grid_resolution": 32, "eval_views": 1}, [mi])
+    out = [e for e in stylize.run(p, [mi], ctx()) if isinstance(e, MeshUpdate) and e.final]
+    assert len(out) == 1 and len(out[0].faces) > 0
+
+    wf = get_workflow("gallery")
+    cols = np.tile(np.array([[200, 40, 40, 255]], np.uint8), (len(box.vertices), 1))
+    ex = [MeshInput("house", box.vertices.astype(np.float32), box.faces.astype(np.uint32), cols, None)]
+    params = wf.validate({"count": 2, "subjects": ["a mug"], "preset": "smoke"}, ex, profile=prof)
+    events = list(wf.run(params, ex, ctx()))
+    finals = [e for e in events if isinstance(e, MeshUpdate) and e.final]
+    assert len(finals) == 2 and all(len(e.faces) > 0 for e in finals)
+    assert len([e for e in events if isinstance(e, Image)]) == 2
+    assert all("theme_clip" in e.info for e in finals)
+
+
+def test_gallery_defaults_to_the_starter_preset_on_the_starter_profile(starter_with_pixel_model):
+    from backend.pipelines import theme_gallery
+
+    assert theme_gallery.default_preset(starter_with_pixel_model) == "starter"
+    cfg = theme_gallery.build_config("starter")
+    assert cfg.render.resolution == 32 and cfg.lift.method == "svr" and cfg.finetune.lr_lora == 1e-3
+    params = theme_gallery.validate({"count": 1}, [_box_mesh()], profile=starter_with_pixel_model)
+    assert params["preset"] == "starter"
+    assert theme_gallery.validate({"count": 1}, [_box_mesh()])["preset"] is None  # resolved when the job runs
+
+
+def _box_mesh():
+    import trimesh
+
+    from backend.events import MeshInput
+
+    b = trimesh.creation.box((0.5, 0.5, 0.5))
+    return MeshInput("box", b.vertices.astype(np.float32), b.faces.astype(np.uint32), None, None)
