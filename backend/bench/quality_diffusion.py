@@ -161,11 +161,13 @@ def gallery_themes(n_themes: int, per_theme: int = 3) -> list[dict]:
     from backend.training.world import CATEGORIES, COLOURS
 
     descs = heldout_descriptions()
-    themes = []
+    themes: list[dict] = []
+    used: dict[str, int] = {}
     for colour in COLOURS:
         for height in ("tall", "short"):
             picked: dict[str, tuple] = {}
-            for cat, col, attrs in descs:
+            # categories that earlier themes used go last, so the themes differ (stable sort keeps the order)
+            for cat, col, attrs in sorted(descs, key=lambda d: used.get(d[0], 0)):
                 if col != colour or cat in picked or attrs.get("height", height) != height:
                     continue
                 picked[cat] = (cat, col, attrs)
@@ -173,6 +175,8 @@ def gallery_themes(n_themes: int, per_theme: int = 3) -> list[dict]:
                     break
             if len(picked) == per_theme and not any(set(picked) == set(t["categories"]) for t in themes):
                 cats = list(picked)
+                for c in cats:
+                    used[c] = used.get(c, 0) + 1
                 themes.append({"colour": colour, "height": height, "categories": cats,
                                "descriptions": list(picked.values()),
                                "subjects": [c for c in CATEGORIES if c not in cats]})
