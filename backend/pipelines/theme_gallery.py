@@ -374,7 +374,7 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
             yield MeshUpdate(mesh_to_world(shape.vertices, world_scale), shape.faces, shape.colors, final=False, name=name,
                              info={"stage": "initial model", "method": shape.method, "subject": subject})
             init = MeshInput(name=name, vertices=shape.vertices, faces=shape.faces, colors=shape.colors)
-            fld, _ = mesh_field(init, cfg.optimize.grid_resolution, cfg.render.beta, device)
+            fld, init_norm = mesh_field(init, cfg.optimize.grid_resolution, cfg.render.beta, device)
 
             # 5. concept prior (Sec. 3.3.2)
             cp = cfg.concept_prior
@@ -407,7 +407,7 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
             yield from optimize_dsd(fld, c_sp, r_sp, cfg.optimize, cfg.dsd, concept_conds=c_conds,
                                     reference_conds=r_conds, view_word=view_word, level=level, name=name,
                                     stage="dual score distillation", cancel=cancel, generator=gen, device=device,
-                                    world_scale=world_scale)
+                                    world_scale=world_scale, normalization=init_norm)
             concept_prior.release()
             priors.remove(concept_prior)
 
@@ -415,9 +415,10 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
             cancel.check()
             yield Progress("final mesh", i, count, f"{name}: extracting the mesh")
             v, f, c = field_mesh(fld, cfg.optimize.grid_resolution, level, cfg.optimize.target_faces)
-            info = {"subject": subject, "concept": i, "method": shape.method, "stage": "final"}
+            info = {"subject": subject, "concept": i, "method": shape.method, "stage": "final",
+                    "world_scale": float(world_scale)}
             info.update(_scores(fld, v, f, clip, cisp, ex_clip, ex_cisp, finished_emb, cfg, gen, device))
-            yield MeshUpdate(mesh_to_world(v, world_scale), f, c, final=True, name=name, info=info)
+            yield MeshUpdate(mesh_to_world(v, world_scale, init_norm), f, c, final=True, name=name, info=info)
             del fld
         yield Progress("gallery", count, count, "gallery done")
     finally:
