@@ -211,7 +211,8 @@ def main(argv: list[str]) -> int:
 ALL_STAGES: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("clip", ()), ("svr", ()), ("classifier", ())),
     (("mapper", ()),),
-    (("prior", ()), ("cisp", ()), ("svr", ("--image-losses",)), ("svr", ("--image-losses", "--no-ssc"))),
+    (("prior", ()), ("cisp", ()), ("svr", ("--image-losses",)), ("svr", ("--image-losses", "--no-ssc")),
+     ("diffusion", ())),
 )
 
 
