@@ -180,8 +180,12 @@ class ClipModel:
         return cls(model, cfg, pre, name=f"{name}/{pretrained}" if pretrained else name, device=device)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "ClipModel":
-        """Load a folder in open_clip's ``local-dir:`` layout (what :meth:`save` writes)."""
+    def load(cls, directory: str | Path, device: str = "cpu", text: bool = True) -> "ClipModel":
+        """Load a folder in open_clip's ``local-dir:`` layout (what :meth:`save` writes).
+
+        ``text=False`` (image features only, e.g. for trainers that encode renders) skips the locked text tower's
+        weights: its package's 90 MB are neither read nor needed, and :meth:`encode_text` then refuses to run.
+        """
         import open_clip
 
         d = Path(directory)
@@ -190,24 +194,26 @@ class ClipModel:
                 raise ModelUnavailable(f"the CLIP model file {d / f} is missing. Run `python -m backend train clip`.")
         meta = json.loads((d / LOCAL_CONFIG).read_text())
         if has_hf_text(meta["model_cfg"]):
-            return cls._load_locked_text(d, meta, device)
+            return cls._load_locked_text(d, meta, device, text)
         model = open_clip.create_model(f"local-dir:{d}", device="cpu")
         return cls(model, meta["model_cfg"], meta.get("preprocess_cfg", dict(model.visual.preprocess_cfg)),
                    name=f"local:{d.name}", device=device)
 
     @classmethod
-    def _load_locked_text(cls, d: Path, meta: dict, device: str) -> "ClipModel":
+    def _load_locked_text(cls, d: Path, meta: dict, device: str, text: bool = True) -> "ClipModel":
         """A folder whose weights leave out the locked Hugging Face text tower (loaded from its package)."""
         from safetensors.torch import load_file
 
-        model = build_open_clip(meta["model_cfg"], pretrained_text=True)
+        model = build_open_clip(meta["model_cfg"], pretrained_text=text)
         state = load_file(str(d / LOCAL_WEIGHTS))
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith(LOCKED_PREFIX)]
         if bad or unexpected:
             raise ModelUnavailable(f"the CLIP weights in {d} do not fit its config (missing {bad[:3]}, unexpected "
                                    f"{list(unexpected)[:3]}); retrain with `python -m backend train clip`")
-        return cls(model, meta["model_cfg"], meta["preprocess_cfg"], name=f"local:{d.name}", device=device)
+        out = cls(model, meta["model_cfg"], meta["preprocess_cfg"], name=f"local:{d.name}", device=device)
+        out.text_loaded = text
+        return out
 
     @classmethod
     def tiny(cls, device: str = "cpu", seed: int = 0) -> "ClipModel":
@@ -246,6 +252,8 @@ class ClipModel:
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """Unit-norm text embeddings f_T (B, D)."""
+        if not getattr(self, "text_loaded", True):
+            raise ModelUnavailable(f"the CLIP model {self.name} was loaded for image features only (text=False)")
         feats = self.model.encode_text(self.tokenize(texts))
         return F.normalize(feats.float(), dim=-1)
 

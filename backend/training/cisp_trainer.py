@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.training.common import StepLogger, TrainResult, seed_everything
+from backend.training.common import StepLogger, TrainResult, past_deadline, seed_everything
 from backend.training.dataset import StarterDataset
 from backend.training.svr_trainer import white_images
 
@@ -94,7 +94,8 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        logger(step, loss.item())
+        if logger(step, loss.item()):
+            break
     result = logger.finish()
     model.image_encoder.requires_grad_(False)
     model.voxel_encoder.requires_grad_(False)
@@ -151,7 +152,35 @@ def _train_denoiser(model, embed, vox, n, v, cfg: CISPTrainConfig, device: str, 
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.diffusion_steps - 1:
             log.info("voxel diffusion step %d/%d loss %.4f", step + 1, cfg.diffusion_steps, loss.item())
+        if past_deadline():
+            log.warning("voxel diffusion: the training deadline has passed; stopping after step %d", step + 1)
+            break
     return losses
+
+
+def train_clipcond(data: StarterDataset, cfg: CISPTrainConfig, clip, device: str = "cpu",
+                   out_dir: str | Path | None = None) -> TrainResult:
+    """Phase 3 alone: paper 002's baseline denoiser conditioned on the starter CLIP's image embedding."""
+    from backend.models.cisp import CISP
+
+    seed_everything(cfg.seed)
+    vox = pooled_voxels(data, cfg.voxel_res)
+    n, v = len(data), data.n_views
+    result = TrainResult("cisp_clipcond")
+    t0 = __import__("time").perf_counter()
+    base = CISP(cfg.model_config(embed_dim=clip.embed_dim)).to(device).train()
+
+    def embed_clip(idx, views):
+        with torch.no_grad():
+            return clip.encode_image(_image_batch(data, idx, views).to(device)).float()
+
+    result.losses = _train_denoiser(base, embed_clip, vox, n, v, cfg, device, rng_seed=cfg.seed + 1)
+    result.wall_s = __import__("time").perf_counter() - t0
+    base.eval()
+    result.model = base  # type: ignore[attr-defined]
+    if out_dir is not None:
+        result.out_dir = str(base.save(out_dir))
+    return result
 
 
 def cli(args) -> int:
@@ -162,10 +191,24 @@ def cli(args) -> int:
     data = _load_data(args)
     root = _starter_dir(args)
     clip_dir = root / "clip"
-    clip = ClipModel.load(clip_dir, device=args.device) if (clip_dir / "open_clip_config.json").is_file() else None
+    clip = ClipModel.load(clip_dir, device=args.device, text=False) if (clip_dir / "open_clip_config.json").is_file() else None
     cfg = CISPTrainConfig(seed=args.seed)
-    if args.steps:
-        cfg.contrastive_steps = cfg.diffusion_steps = args.steps
+    if args.steps:  # the diffusion phase; the contrastive phase keeps the defaults' ratio (400 : 600)
+        cfg.diffusion_steps = args.steps
+        cfg.contrastive_steps = max(1, round(args.steps * 2 / 3))
+    if args.batch:
+        cfg.batch_size = args.batch
+    if args.clip_only:
+        if clip is None:
+            raise FileNotFoundError(f"cisp --clip-only needs the starter CLIP in {clip_dir}; train it first")
+        out = Path(args.out) if args.out else root / "cisp_clipcond"
+        res = train_clipcond(data, cfg, clip, device=args.device, out_dir=out)
+        print(res.summary())
+        if not args.out:
+            record_model("cisp_clipcond", out, args.seed,
+                         "paper 002 baseline: the same voxel DDPM conditioned on the starter CLIP image embedding; "
+                         + res.summary())
+        return 0
     out = Path(args.out) if args.out else root / "cisp"
     clip_out = (out.parent / "cisp_clipcond") if clip is not None else None
     res = train_cisp(data, cfg, device=args.device, out_dir=out, clip=clip, clip_out_dir=clip_out)

@@ -151,7 +151,8 @@ def train_classifier(data: StarterDataset, cfg: ClassifierConfig, device: str = 
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item())
+        if logger(step, loss.item()):
+            break
     result = logger.finish()
     model.eval()
     if out_dir is not None:

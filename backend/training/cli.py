@@ -115,6 +115,8 @@ def cmd_clip(args) -> int:
     cfg = ClipTrainConfig(seed=args.seed, text_cache=str(args.text_cache or DEFAULT_TEXT_CACHE))
     if args.steps:
         cfg.steps = args.steps
+    if args.batch:
+        cfg.batch_size = args.batch
     out = Path(args.out) if args.out else _starter_dir(args) / "clip"
     res = train_clip(data, cfg, device=args.device, out_dir=out)
     print(res.summary())
@@ -131,6 +133,8 @@ def cmd_classifier(args) -> int:
     cfg = ClassifierConfig(seed=args.seed if args.seed else ClassifierConfig.seed)
     if args.steps:
         cfg.steps = args.steps
+    if args.batch:
+        cfg.batch_size = args.batch
     out = Path(args.out) if args.out else _starter_dir(args) / "classifier"
     res = train_classifier(data, cfg, device=args.device, out_dir=out)
     held = Path(args.heldout or DEFAULT_HELDOUT)
@@ -171,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the config default)")
+    p.add_argument("--batch", type=int, default=0, help="batch size (0: the config default)")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="stop every training loop after this many minutes and save what it has (0: no limit)")
     p.add_argument("--text-cache", default=None,
                    help=f"caption embeddings of the locked text tower, read and extended (default {DEFAULT_TEXT_CACHE}); "
                         "with every caption in it, training needs no text-tower weights")
@@ -189,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="svr: ShapeClipper's image-supervised trainer (paper 004) instead of the shipped 3D-supervised one")
     p.add_argument("--no-ssc", action="store_true", help="svr --image-losses: without ShapeClipper's semantic consistency")
     p.add_argument("--no-normal", action="store_true", help="svr: without the normal loss")
+    p.add_argument("--clip-only", action="store_true",
+                   help="cisp: train only paper 002's CLIP-conditioned baseline (cisp_clipcond)")
     return p
 
 
@@ -198,6 +207,9 @@ def main(argv: list[str]) -> int:
 
     args.device = pick_device(args.device)
     _threads(args)
+    from backend.training.common import set_deadline
+
+    set_deadline(args.minutes)
     if args.what == "all":
         return run_all(args)
     try:

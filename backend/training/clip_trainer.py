@@ -289,7 +289,8 @@ def train_clip(data: StarterDataset, cfg: ClipTrainConfig, device: str = "cpu", 
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item(), **extra)
+        if logger(step, loss.item(), **extra):
+            break
     result = logger.finish()
     model.eval()
     if out_dir is not None:

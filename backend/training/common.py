@@ -53,19 +53,45 @@ class TrainResult:
         return f"{self.name}: {len(self.losses)} steps in {self.wall_s:.1f}s, loss {a:.4g} -> {b:.4g} {extra}".rstrip()
 
 
+# Wall-clock time (time.time()) after which every training loop stops early and saves what it has; set by the
+# CLI's ``--minutes`` (a safety net for a lent GPU whose time is counted, and for "train within N minutes").
+_DEADLINE: list[float] = []
+
+
+def set_deadline(minutes: float) -> None:
+    """Stop every later :class:`StepLogger` loop ``minutes`` from now (<= 0 clears the deadline)."""
+    _DEADLINE.clear()
+    if minutes and minutes > 0:
+        _DEADLINE.append(time.time() + 60.0 * minutes)
+
+
+def past_deadline() -> bool:
+    return bool(_DEADLINE) and time.time() >= _DEADLINE[0]
+
+
 class StepLogger:
-    """Logs a loss every ``every`` steps and collects all of them into a :class:`TrainResult`."""
+    """Logs a loss every ``every`` steps and collects all of them into a :class:`TrainResult`.
+
+    Calling it returns ``True`` once the training deadline (:func:`set_deadline`) has passed: the loop should
+    ``break`` and save; the result then records ``stopped_early_at`` (the steps actually done).
+    """
 
     def __init__(self, result: TrainResult, total: int, every: int = 20) -> None:
         self.result, self.total, self.every = result, total, max(1, every)
         self.t0 = time.perf_counter()
 
-    def __call__(self, step: int, loss: float, **extra: float) -> None:
+    def __call__(self, step: int, loss: float, **extra: float) -> bool:
         self.result.losses.append(float(loss))
         if step % self.every == 0 or step == self.total - 1:
             more = " ".join(f"{k}={v:.4g}" for k, v in extra.items())
             log.info("%s step %d/%d loss %.5f %s (%.1fs)", self.result.name, step + 1, self.total, loss, more,
                      time.perf_counter() - self.t0)
+        if step < self.total - 1 and past_deadline():
+            log.warning("%s: the training deadline has passed; stopping after step %d of %d", self.result.name,
+                        step + 1, self.total)
+            self.result.metrics[f"{self.result.name}_stopped_early_at"] = step + 1
+            return True
+        return False
 
     def finish(self) -> TrainResult:
         self.result.wall_s = time.perf_counter() - self.t0

@@ -93,11 +93,13 @@ class StarterDataset:
         """All renders as floats in [0, 1], (N, V, H, W, 3)."""
         return self.rgb.astype(dtype) / 255.0
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, slim: bool = False) -> Path:
+        """``slim`` leaves out depth and normals (they read back as zeros; see :meth:`load`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if slim else {"depth": self.depth, "normal": self.normal}
         np.savez_compressed(
-            path, rgb=self.rgb, mask=self.mask, depth=self.depth, normal=self.normal, cameras=self.cameras,
+            path, rgb=self.rgb, mask=self.mask, **extra, cameras=self.cameras,
             voxels=self.voxels, points=self.points, inside=self.inside, category=self.category, colour=self.colour,
             seed=self.seed, attrs=np.asarray(json.dumps(self.attrs)), split=np.asarray(self.split),
             voxel_res=np.asarray(self.voxel_res),
@@ -110,8 +112,13 @@ class StarterDataset:
         if not path.is_file():
             raise InputError(f"data set {path} not found; make it with `python -m backend train dataset --out {path}`")
         with np.load(path, allow_pickle=False) as z:
+            rgb = z["rgb"]
+            # A copy saved without depth and normals (``slim``: what 3D-supervised trainers need, half the size)
+            # reads back with zeros there; only ShapeClipper's image-loss SVR uses them.
+            depth = z["depth"] if "depth" in z.files else np.zeros(rgb.shape[:-1], np.float16)
+            normal = z["normal"] if "normal" in z.files else np.zeros(rgb.shape, np.int8)
             return cls(
-                rgb=z["rgb"], mask=z["mask"], depth=z["depth"], normal=z["normal"], cameras=z["cameras"],
+                rgb=rgb, mask=z["mask"], depth=depth, normal=normal, cameras=z["cameras"],
                 voxels=z["voxels"], points=z["points"], inside=z["inside"], category=z["category"],
                 colour=z["colour"], seed=z["seed"], attrs=json.loads(str(z["attrs"])), split=str(z["split"]),
                 voxel_res=int(z["voxel_res"]),

@@ -123,7 +123,8 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item())
+        if logger(step, loss.item()):
+            break
     mapper.eval()
     # --- decoder fine-tuning with L_D + lambda_bg L_bg (Eq. 3); M and E_S frozen (stop-gradient, Fig. 3a)
     rng = np.random.default_rng(cfg.seed + 1)
@@ -182,11 +183,13 @@ def cli(args) -> int:
 
     data = _load_data(args)
     root = _starter_dir(args)
-    clip = ClipModel.load(root / "clip", device=args.device)
+    clip = ClipModel.load(root / "clip", device=args.device, text=False)
     svr = SVRModel.load(root / "svr", device=args.device)
     cfg = MapperTrainConfig(seed=args.seed)
     if args.steps:
         cfg.steps = args.steps
+    if args.batch:
+        cfg.batch_size = args.batch
     out = Path(args.out) if args.out else root / "mapper"
     svr_out = None if args.out else root / "svr"
     res = train_mapper(data, clip, svr, cfg, device=args.device, out_dir=out, svr_out_dir=svr_out)

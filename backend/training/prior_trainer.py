@@ -79,7 +79,8 @@ def train_prior(data: StarterDataset, clip, cfg: PriorTrainConfig, device: str =
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item())
+        if logger(step, loss.item()):
+            break
     result = logger.finish()
     prior.eval()
     with torch.no_grad():  # how close are the prior's samples to true image embeddings, vs the text itself?
@@ -106,6 +107,8 @@ def cli(args) -> int:
     cfg = PriorTrainConfig(seed=args.seed)
     if args.steps:
         cfg.steps = args.steps
+    if args.batch:
+        cfg.batch_size = args.batch
     out = Path(args.out) if args.out else root / "prior"
     res = train_prior(data, clip, cfg, device=args.device, out_dir=out)
     print(res.summary())

@@ -230,7 +230,8 @@ def train_svr(data: StarterDataset, cfg: SVRTrainConfig, device: str = "cpu", ou
         loss.backward()
         opt.step()
         sched.step()
-        logger(step, loss.item(), **extra)
+        if logger(step, loss.item(), **extra):
+            break
     result = logger.finish()
     svr.eval()
     result.metrics["params_M"] = sum(p.numel() for p in svr.parameters()) / 1e6
@@ -273,9 +274,11 @@ def cli(args) -> int:
         name = "svr"
     if args.steps:
         cfg.steps = args.steps
+    if args.batch:
+        cfg.batch_size = args.batch
     clip = None
     if cfg.ssc:
-        clip = ClipModel.load(_starter_dir(args) / "clip", device=args.device)
+        clip = ClipModel.load(_starter_dir(args) / "clip", device=args.device, text=False)
     out = Path(args.out) if args.out else _starter_dir(args) / name
     res = train_svr(data, cfg, device=args.device, out_dir=out, clip=clip)
     held = Path(args.heldout) if args.heldout else None
