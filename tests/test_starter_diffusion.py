@@ -156,9 +156,19 @@ def test_cli_trains_and_writes_the_text_cache(tiny_data, tmp_path):
     assert main(["diffusion", "--data", str(data), "--text-cache", str(cache), "--text-cache-only"]) == 0
     with np.load(cache) as z:
         assert str(z["kind"]) == "pooled" and z["emb"].shape[1] == 384 and "" in list(z["captions"])
-    assert main(["diffusion", "--data", str(data), "--text-cache", str(cache), "--steps", "2", "--batch-size", "4",
+    assert main(["diffusion", "--data", str(data), "--text-cache", str(cache), "--steps", "2", "--batch", "4",
                  "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model_index.json").is_file()
+    # --minutes (the CLI's deadline for every trainer): the run ends in time, with its LR schedule, and saves
+    from backend.training.common import set_deadline
+
+    try:
+        assert main(["diffusion", "--data", str(data), "--text-cache", str(cache), "--steps", "100000", "--batch",
+                     "4", "--minutes", "0.3", "--out", str(tmp_path / "timed")]) == 0
+    finally:
+        set_deadline(0)  # the deadline is process-wide: later tests' trainers must not inherit it
+    done = json.loads((tmp_path / "timed" / "train_config.json").read_text())["steps_done"]
+    assert 1 <= done < 100000
 
 
 def test_starter_capabilities_follow_the_diffusion_folder(trained, tmp_path, monkeypatch):

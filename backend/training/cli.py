@@ -181,9 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-cache", default=None,
                    help=f"caption embeddings of the locked text tower, read and extended (default {DEFAULT_TEXT_CACHE}); "
                         "with every caption in it, training needs no text-tower weights")
-    p.add_argument("--batch-size", type=int, default=0, help="diffusion: batch size (0: the config default)")
-    p.add_argument("--time-limit", type=float, default=0.0,
-                   help="diffusion: stop after this many minutes and save what was learnt (0: no limit)")
     p.add_argument("--text-cache-only", action="store_true",
                    help="diffusion: only embed the training captions into --text-cache (needs the text tower), no training")
     # dataset options

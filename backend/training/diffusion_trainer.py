@@ -79,7 +79,8 @@ class DiffusionTrainConfig:
     random_background: float = 0.5
     flip: bool = True
     time_limit_s: float = 0.0  # > 0: the run ends after this much wall time; the cosine LR schedule follows
-    # max(step / steps, elapsed / time_limit), so it always decays to zero by the end
+    # max(step / steps, elapsed / time_limit), so it always decays to zero by the end (the CLI's --minutes sets it
+    # from the command's deadline)
     preview_steps: int = 50  # DDIM steps of the preview grid written next to the model (0: none)
     text_cache: str = ""
     seed: int = 0
@@ -216,6 +217,11 @@ def train_diffusion(data: StarterDataset, cfg: DiffusionTrainConfig, device: str
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3,
                    foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from backend.training import common
+
+    if common._DEADLINE:  # ``--minutes``: the whole command ends by then; keep ~15 s to save and draw the preview
+        left = common._DEADLINE[0] - time.time() - 15.0
+        cfg.time_limit_s = max(1.0, min(cfg.time_limit_s or left, left))
     t0 = time.perf_counter()
 
     def progress(s: int) -> float:
@@ -269,7 +275,7 @@ def train_diffusion(data: StarterDataset, cfg: DiffusionTrainConfig, device: str
         opt.step()
         sched.step()
         ema.step(unet.parameters())
-        logger(step, loss.item())
+        logger(step, loss.item())  # (the global --minutes deadline is enforced below, with the LR schedule)
         if cfg.time_limit_s and time.perf_counter() - t0 > cfg.time_limit_s:
             stopped = step + 1
             log.info("diffusion: time limit %.0fs reached after %d of %d steps", cfg.time_limit_s, stopped, cfg.steps)
@@ -351,10 +357,8 @@ def cli(args) -> int:
         return 0
     if args.steps:
         cfg.steps = args.steps
-    if getattr(args, "batch_size", 0):
-        cfg.batch_size = args.batch_size
-    if getattr(args, "time_limit", 0):
-        cfg.time_limit_s = float(args.time_limit) * 60.0
+    if getattr(args, "batch", 0):
+        cfg.batch_size = args.batch
     out = Path(args.out) if args.out else _starter_dir(args) / "diffusion"
     res = train_diffusion(data, cfg, device=args.device, out_dir=out)
     print(res.summary())
