@@ -6,7 +6,10 @@
 Everything goes the artist's way: the extension zip is built and installed into a throw-away Blender user folder,
 the add-on starts a local backend (``--profile``), the Generate operator runs the text-to-shape workflow and the
 streamed result lands in the scene with its vertex colours; then a camera, lights and a floor are added and Cycles
-(CPU) renders a PNG. With ``--workflow diagnostic`` no models are needed at all.
+(CPU) renders a PNG. With ``--workflow diagnostic`` no models are needed at all. With ``--workflow gallery`` three
+exemplars of the procedural world's held-out split (the first theme of ``bench quality``'s galleries: one colour,
+three categories) are added to the scene as coloured meshes, selected, and the Theme gallery operator grows
+``--variants`` new assets of the ``--subjects`` beside them; exemplars and gallery are rendered together.
 """
 
 from __future__ import annotations
@@ -100,10 +103,36 @@ def stage(bpy, objects: list, out: Path, resolution: tuple[int, int], samples: i
     bpy.ops.render.render(write_still=True)
 
 
+def add_exemplars(bpy) -> list:
+    """The first held-out theme of ``bench quality`` as Blender objects with a ``Col`` colour attribute, in a row."""
+    sys.path.insert(0, str(ROOT))
+    from backend.bench.quality_diffusion import gallery_themes, world_mesh
+    from backend.training.world import build_shape
+
+    theme = gallery_themes(1)[0]
+    objs = []
+    for j, (cat, col, attrs) in enumerate(theme["descriptions"]):
+        m = world_mesh(build_shape(cat, col, attrs, seed=2_000_000 + j), cat)
+        me = bpy.data.meshes.new(f"exemplar {cat}")
+        me.from_pydata(m.vertices.tolist(), [], m.faces.tolist())
+        attr = me.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+        rgba = [c / 255.0 for row in m.colors for c in (*row[:3], 255)]
+        attr.data.foreach_set("color_srgb", rgba)
+        me.color_attributes.active_color = attr
+        sys.modules[ADDON + ".scene"].ensure_material(me)  # the add-on's vertex-colour material
+        ob = bpy.data.objects.new(f"Exemplar {cat}", me)
+        ob.location = (-1.2 * (3 - j), 0.0, 0.5)  # left of the gallery; the unit cube's floor is at z = -0.5
+        bpy.context.scene.collection.objects.link(ob)
+        objs.append(ob)
+    print(f"exemplars: {theme['colour']} {', '.join(theme['categories'])}")
+    return objs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="starter")
-    ap.add_argument("--workflow", default="text-to-shape", choices=["text-to-shape", "diagnostic"])
+    ap.add_argument("--workflow", default="text-to-shape", choices=["text-to-shape", "diagnostic", "gallery"])
+    ap.add_argument("--subjects", default="a chair, a lamp, a mug", help="gallery: subjects of the new assets")
     ap.add_argument("--prompt", default="a chair")
     ap.add_argument("--variants", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -147,13 +176,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"text-to-shape is not available with profile {args.profile}: {why}")
             st.prompt, st.variants, st.seed = args.prompt, args.variants, args.seed
             assert bpy.ops.stepstone.generate(options=args.options) == {"FINISHED"}
+        elif args.workflow == "gallery":
+            ok, why = s.workflow_available("gallery")
+            if not ok:
+                raise SystemExit(f"the gallery is not available with profile {args.profile}: {why}")
+            exemplars = add_exemplars(bpy)
+            for ob in bpy.context.selected_objects:
+                ob.select_set(False)
+            for ob in exemplars:
+                ob.select_set(True)
+            bpy.context.view_layer.objects.active = exemplars[0]
+            st.count, st.subjects, st.seed = args.variants, args.subjects, args.seed
+            assert bpy.ops.stepstone.gallery(options=args.options) == {"FINISHED"}
         else:
             assert bpy.ops.stepstone.diagnostic(options=args.options) == {"FINISHED"}
         job = s.jobs[0]
-        drive(s, lambda: not job.active and not s.stream.busy, 1800, f"the {args.workflow} job")
+        drive(s, lambda: not job.active and not s.stream.busy, 3600, f"the {args.workflow} job")
         if job.state != "done":
             raise SystemExit(f"job {job.state}: {job.error}")
         objects = [bpy.data.objects[n] for n in job.slots.values()]
+        if args.workflow == "gallery":
+            objects = exemplars + objects
         print(json.dumps({"objects": [o.name for o in objects], "faces": [len(o.data.polygons) for o in objects]}))
     finally:
         s.stop_local()

@@ -130,7 +130,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: text,freeform,cisp,svr")
+    p.add_argument("--skip", default="",
+                   help="comma list of sections to skip: text,freeform,cisp,svr and (issue 14, "
+                        "backend.bench.quality_diffusion) t2i,refined,gallery")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,6 +171,9 @@ def main(argv: list[str]) -> int:
         rows.update(_cisp_vs_clip(profile, root, more[: s.cisp_shapes], s, device))
     if "svr" not in skip:
         rows.update(_svr_ablation(profile, root, more[: s.svr_shapes], device))
+    from backend.bench import quality_diffusion
+
+    rows.update(quality_diffusion.run_sections(profile, classifier, shapes, skip, device, s.seed, args.quick))
     print()
     print("| method | IoU | F-score@0.05 | category acc | colour acc | CLIP consistency | extra |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

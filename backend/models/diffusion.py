@@ -18,6 +18,14 @@ guidance ``eps_u + s (eps_c - eps_u)`` (v-prediction models are converted to eps
 Options: fp16 (bf16 on request) on CUDA, attention slicing, and a simple CPU offload that keeps each component
 on the CPU and moves it to the GPU only while it runs (a simplification of accelerate's model offload hooks).
 LoRA adapters go through peft (:meth:`add_lora`, :meth:`save_lora`, :meth:`load_lora`).
+
+The starter text-to-image model (issue 14, :mod:`backend.training.diffusion_trainer`) is a pixel-space
+``UNet2DConditionModel`` with no VAE whose text encoder is the starter CLIP's locked text tower
+(:class:`LockedTextEncoder`: all-MiniLM-L6-v2 through open_clip's ``HFTextEncoder``, mean-pooled, unit norm, one
+conditioning token), so an SDS prompt is embedded exactly as the starter CLIP embeds it. Its folder has the same
+``save_pretrained`` layout; ``model_index.json`` names ``["stepstone", "LockedTextEncoder"]`` and
+``text_encoder/config.json`` names the tower (the weights come from the tower's package, checked by sha256), and
+there is no ``tokenizer/`` folder (the encoder tokenises with the tower's own WordPiece tokenizer).
 """
 
 from __future__ import annotations
@@ -101,6 +109,92 @@ def _class_from_index(index: dict, name: str, default: type) -> type:
     return default
 
 
+class LockedTextEncoder(nn.Module):
+    """The starter CLIP's locked text tower as a diffusion text encoder: ``prompts -> (B, 1, D)`` unit-norm tokens.
+
+    Config (``text_encoder/config.json``): ``{"_class_name": "LockedTextEncoder", "tower": <a
+    backend.models.clip.TEXT_TOWERS name or a folder>, "embed_dim": 384, "pooler": "mean_pooler",
+    "context_length": 32, "normalize": true}``. The module is open_clip's ``HFTextEncoder`` with the starter CLIP's
+    text config (no projection), so ``encode_texts(p)[:, 0]`` equals the starter CLIP's ``encode_text(p)``. Nothing
+    of it is trained or saved: :meth:`save_pretrained` writes the config only.
+    """
+
+    CONFIG = "config.json"
+
+    def __init__(self, config: dict, pretrained: bool = True) -> None:
+        super().__init__()
+        import open_clip
+        import transformers
+        from open_clip.hf_model import HFTextEncoder
+
+        from backend.models.clip import text_tower_path
+
+        self.config = {"_class_name": type(self).__name__, "pooler": "mean_pooler", "context_length": 32,
+                       "normalize": True, **dict(config)}
+        folder = str(text_tower_path(self.config["tower"], verify=pretrained))
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the unused BERT pooler weights are expected
+        try:
+            self.tower = HFTextEncoder(folder, output_dim=int(self.config["embed_dim"]), proj_type=None,
+                                       pooler_type=self.config["pooler"], pretrained=pretrained)
+        finally:
+            transformers.logging.set_verbosity(level)
+        self.tokenizer = open_clip.tokenizer.HFTokenizer(folder, context_length=int(self.config["context_length"]))
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    def forward(self, ids: Tensor) -> tuple[Tensor]:
+        f = self.tower(ids).float()
+        if self.config.get("normalize", True):
+            f = F.normalize(f, dim=-1)
+        return (f[:, None, :],)
+
+    def encode_texts(self, prompts: Sequence[str]) -> Tensor:
+        """(B, 1, D) conditioning tokens of ``prompts`` (the pooled sentence embedding as one token)."""
+        ids = self.tokenizer(list(prompts)).to(next(self.parameters()).device)
+        return self(ids)[0]
+
+    def save_pretrained(self, directory: str | Path, **_: object) -> None:
+        write_locked_text_config(directory, self.config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, pretrained: bool = True) -> "LockedTextEncoder":
+        path = Path(directory) / cls.CONFIG
+        if not path.is_file():
+            raise OSError(f"{path} is missing")
+        return cls(json.loads(path.read_text()), pretrained=pretrained)
+
+
+def write_locked_text_config(directory: str | Path, config: dict) -> Path:
+    """Write ``text_encoder/config.json`` of a :class:`LockedTextEncoder` (no weights: they come from the package)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"_class_name": LockedTextEncoder.__name__, **dict(config)}
+    (d / LockedTextEncoder.CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    return d / LockedTextEncoder.CONFIG
+
+
+def write_model_index(directory: str | Path, unet: nn.Module, vae: Optional[nn.Module], scheduler,
+                      text_encoder_class: tuple[str, str], tokenizer: bool = True) -> Path:
+    """``model_index.json`` of the diffusers layout (``[None, None]`` for a missing VAE / tokenizer)."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline" if vae is not None else "StepstonePixelDiffusion",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", type(unet).__name__],
+        "vae": ["diffusers", type(vae).__name__] if vae is not None else [None, None],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "text_encoder": list(text_encoder_class),
+        "tokenizer": ["transformers", "CLIPTokenizer"] if tokenizer else [None, None],
+    }
+    path = Path(directory) / "model_index.json"
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
 class DiffusionBundle:
     """UNet (+ optional VAE) + schedulers + text encoder/tokenizer, with the calls SDS/DSD/fine-tuning need."""
 
@@ -180,10 +274,15 @@ class DiffusionBundle:
             if index.get("vae") not in (None, [None, None]) and (not local or (Path(src) / "vae").is_dir()):
                 vae = _class_from_index(index, "vae", AutoencoderKL).from_pretrained(src, subfolder="vae", **kw)
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-            text_encoder = _class_from_index(index, "text_encoder", CLIPTextModel).from_pretrained(
-                src, subfolder="text_encoder", **kw)
-            tokenizer = _class_from_index(index, "tokenizer", CLIPTokenizer).from_pretrained(
-                src, subfolder="tokenizer", **kw)
+            if _locked_text(index):  # the starter pixel model: the starter CLIP's locked text tower
+                if not local:
+                    raise OSError("a model with a LockedTextEncoder loads from a local folder only")
+                text_encoder, tokenizer = LockedTextEncoder.from_pretrained(Path(src) / "text_encoder"), None
+            else:
+                text_encoder = _class_from_index(index, "text_encoder", CLIPTextModel).from_pretrained(
+                    src, subfolder="text_encoder", **kw)
+                tokenizer = _class_from_index(index, "tokenizer", CLIPTokenizer).from_pretrained(
+                    src, subfolder="tokenizer", **kw)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"the diffusion model {src} could not be loaded: {str(exc).splitlines()[0]}. "
@@ -234,28 +333,22 @@ class DiffusionBundle:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the diffusers layout (``model_index.json`` + one folder per component)."""
-        import diffusers
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(str(d / "unet"), safe_serialization=True)
         if self.vae is not None:
             self.vae.save_pretrained(str(d / "vae"), safe_serialization=True)
         self.scheduler.save_pretrained(str(d / "scheduler"))
+        if isinstance(self.text_encoder, LockedTextEncoder):
+            self.text_encoder.save_pretrained(d / "text_encoder")
+            write_model_index(d, self.unet, self.vae, self.scheduler, ("stepstone", "LockedTextEncoder"),
+                              tokenizer=False)
+            return d
         self.text_encoder.save_pretrained(str(d / "text_encoder"), safe_serialization=True)
         self.tokenizer.save_pretrained(str(d / "tokenizer"))
         if not (d / "tokenizer" / "vocab.json").is_file():  # transformers 5 writes tokenizer.json only
             build_clip_tokenizer(d / "tokenizer")
-        index = {
-            "_class_name": "StableDiffusionPipeline" if self.vae is not None else "StepstonePixelDiffusion",
-            "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", type(self.unet).__name__],
-            "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None],
-            "scheduler": ["diffusers", type(self.scheduler).__name__],
-            "text_encoder": ["transformers", type(self.text_encoder).__name__],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-        }
-        (d / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_model_index(d, self.unet, self.vae, self.scheduler, ("transformers", type(self.text_encoder).__name__))
         return d
 
     # ------------------------------------------------------------------ options
@@ -284,6 +377,10 @@ class DiffusionBundle:
             prompts = [prompts]
         if len(prompts) == 0:
             raise InputError("encode_prompt needs at least one prompt")
+        if isinstance(self.text_encoder, LockedTextEncoder):
+            with torch.no_grad(), self._on_device(self.text_encoder) as te:
+                hidden = te.encode_texts(list(prompts))
+            return hidden.to(self.device, self.dtype)
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         with torch.no_grad(), self._on_device(self.text_encoder) as te:
@@ -457,6 +554,11 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         log.warning("%s on the CPU is slow or unsupported; using fp32", name)
         return torch.float32
     return table[name]
+
+
+def _locked_text(index: dict) -> bool:
+    entry = index.get("text_encoder")
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "stepstone"
 
 
 def _read_index(src: str, local: bool, local_files_only: bool) -> dict:

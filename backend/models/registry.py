@@ -4,8 +4,10 @@ A *profile* names a complete model set (DESIGN.md, "Models, weights and profiles
 
 - ``starter``: small models this project trains on its procedural shape world, shipped in
   ``backend/models/starter/`` (override the folder with ``STEPSTONE_STARTER_DIR``). Until they are trained the
-  capabilities say so and name the command that makes them. The starter set trains no text-to-image model: unless
-  ``starter/diffusion/`` exists it uses the public Stable Diffusion model once that is in the HF cache.
+  capabilities say so and name the command that makes them. The starter text-to-image model
+  (``starter/diffusion/``, ``python -m backend train diffusion``: a pixel-space UNet on the starter CLIP's locked
+  text tower, issue 14) makes SDS, SDS stylization, Dream3D's image prior and the theme gallery available; without
+  it the profile uses the public Stable Diffusion model once that is in the HF cache.
 - ``pretrained``: public weights: open_clip ``ViT-B-32`` with pretrained tag ``laion2b_s34b_b79k`` and a Stable
   Diffusion model id through the Hugging Face cache (``STEPSTONE_SD_MODEL``, default
   ``sd-legacy/stable-diffusion-v1-5``). The ISS SVR model, mapper, diffusion prior and CISP have **no public
@@ -75,8 +77,9 @@ _CACHE_LOCK = threading.RLock()
 # Files whose presence says a local model folder is complete, per kind.
 _REQUIRED_FILES = {
     "clip": ("open_clip_config.json", "open_clip_model.safetensors"),
+    # (a Stable Diffusion folder also has tokenizer/; the starter pixel model's text encoder tokenises itself)
     "diffusion": ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
-                  "text_encoder/config.json", "tokenizer/vocab.json"),
+                  "text_encoder/config.json"),
     "svr": ("config.json", "model.safetensors"),
     "mapper": ("config.json", "model.safetensors"),
     "prior": ("config.json", "model.safetensors"),
@@ -278,7 +281,7 @@ class Profile:
         if not missing:
             return ComponentStatus(kind, str(folder), True, "files present", public=self.name != "pretrained")
         if self.name == "starter" and kind == "diffusion":
-            # The starter set trains no text-to-image model; it uses the public one once it is downloaded.
+            # Without its own text-to-image model the starter set uses the public one once it is downloaded.
             from backend.models import hub
 
             mid = sd_model_id()
@@ -287,8 +290,9 @@ class Profile:
                 return ComponentStatus(kind, f"diffusers {mid}", True, detail)
             return ComponentStatus(
                 kind, str(folder), False,
-                f"the starter set has no text-to-image model ({folder / missing[0]}) and {mid} is not downloaded",
-                fetch="python -m backend models download diffusion")
+                f"the starter text-to-image model is missing ({folder / missing[0]}) and {mid} is not downloaded "
+                "(`python -m backend models download diffusion` fetches it)",
+                fetch="python -m backend train diffusion")
         if self.name == "starter":
             return ComponentStatus(kind, str(folder), False,
                                    f"starter weights missing ({folder / missing[0]})", fetch=_train_cmd(kind))

@@ -11,6 +11,7 @@ Every command is reproducible from ``--seed`` and records the exact command line
     train mapper --data data/train.npz           the ISS stage-1 mapper M (Eq. 2) + background loss (Eq. 3) on D
     train prior --data data/train.npz            the diffusion prior f_T -> f_I
     train cisp --data data/train.npz             CISP embedding + conditioned voxel diffusion
+    train diffusion --data data/train.npz        the pixel-space text-to-image model (SDS, DSD, theme galleries)
     train all                                     everything above, independent trainers in parallel processes
 """
 
@@ -29,7 +30,7 @@ log = logging.getLogger("stepstone.training")
 DEFAULT_DATA = Path("data/starter/train.npz")
 DEFAULT_HELDOUT = Path("data/starter/heldout.npz")
 DEFAULT_TEXT_CACHE = Path("data/starter/text_cache.npz")
-WHATS = ("world-preview", "dataset", "clip", "classifier", "svr", "mapper", "prior", "cisp", "all")
+WHATS = ("world-preview", "dataset", "clip", "classifier", "svr", "mapper", "prior", "cisp", "diffusion", "all")
 
 
 def _starter_dir(args) -> Path:
@@ -158,7 +159,8 @@ def _dispatch(what: str):
     if what in table:
         return table[what]
     mod = {"svr": "backend.training.svr_trainer", "mapper": "backend.training.mapper_trainer",
-           "prior": "backend.training.prior_trainer", "cisp": "backend.training.cisp_trainer"}[what]
+           "prior": "backend.training.prior_trainer", "cisp": "backend.training.cisp_trainer",
+           "diffusion": "backend.training.diffusion_trainer"}[what]
     return importlib.import_module(mod).cli
 
 
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-cache", default=None,
                    help=f"caption embeddings of the locked text tower, read and extended (default {DEFAULT_TEXT_CACHE}); "
                         "with every caption in it, training needs no text-tower weights")
+    p.add_argument("--text-cache-only", action="store_true",
+                   help="diffusion: only embed the training captions into --text-cache (needs the text tower), no training")
     # dataset options
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     p.add_argument("-n", type=int, default=1040, help="dataset: number of shapes")
@@ -216,7 +220,8 @@ def main(argv: list[str]) -> int:
 ALL_STAGES: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("clip", ()), ("svr", ()), ("classifier", ())),
     (("mapper", ()),),
-    (("prior", ()), ("cisp", ()), ("svr", ("--image-losses",)), ("svr", ("--image-losses", "--no-ssc"))),
+    (("prior", ()), ("cisp", ()), ("svr", ("--image-losses",)), ("svr", ("--image-losses", "--no-ssc")),
+     ("diffusion", ())),
 )
 
 

@@ -26,10 +26,12 @@ def addon_zip(tmp_path_factory) -> Path:
 
 
 class Backend:
-    """``python -m backend serve --profile tiny`` in a subprocess, with its own runtime and store folders."""
+    """``python -m backend serve --profile tiny`` (or ``profile``) in a subprocess, with its own runtime and store
+    folders."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, profile: str = "tiny") -> None:
         self.folder = folder
+        self.profile = profile
         self.runtime = folder / "runtime"
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.connection_file = self.runtime / "backend.json"
@@ -43,7 +45,7 @@ class Backend:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "backend", "serve", "--connection-file", str(self.connection_file),
-                 "--profile", "tiny", "--device", "cpu", "--store", str(self.store), "--heartbeat", "0.25"],
+                 "--profile", self.profile, "--device", "cpu", "--store", str(self.store), "--heartbeat", "0.25"],
                 cwd=str(ROOT), env=env, stdout=fh, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         while not self.connection_file.is_file():

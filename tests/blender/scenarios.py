@@ -767,7 +767,63 @@ def group_restart(bpy, mod, args, results: dict) -> None:
         return {"backend_stopped": proc.poll() is not None, "session": mod.session._SESSION is None}
 
 
-GROUPS = {"main": group_main, "restart": group_restart}
+def group_starter(bpy, mod, args, results: dict) -> None:
+    """Against a ``--profile starter`` backend (the shipped models, issue 14): every workflow is available, and
+    SDS stylization and a gallery of the selected exemplars run on the starter text-to-image model."""
+    d = Driver(bpy, mod)
+    s = d.s
+    scn = bpy.context.scene
+    options = json.loads(args.options or "{}")
+
+    @step(results, "connect")
+    def _():
+        d.connect(args.connection_file)
+        caps = s.capabilities()
+        return {"profile": s.welcome.get("profile"), "capabilities": {k: v.get("available") for k, v in caps.items()},
+                "options": {k: {o: {c: x.get("available") for c, x in choices.items()}
+                                for o, choices in v.get("options", {}).items()} for k, v in caps.items()}}
+
+    def select_only(objs):
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        for o in objs:
+            o.select_set(True)
+        bpy.context.view_layer.objects.active = objs[0]
+
+    @step(results, "stylize_sds")
+    def _():
+        bpy.ops.mesh.primitive_cylinder_add(radius=0.3, depth=0.9, location=(3.0, 0.0, 0.45))
+        src = bpy.context.active_object
+        src.name = "Vase"
+        select_only([src])
+        st = scn.stepstone
+        st.style, st.mode, st.strength, st.replace_source = "made of gold", "sds", 0.5, False
+        assert bpy.ops.stepstone.stylize(options=json.dumps(options.get("stylize", {}))) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 600, "SDS stylize job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs]}
+
+    @step(results, "gallery")
+    def _():
+        made = []
+        for i, (prim, kw) in enumerate((("primitive_cube_add", {"size": 0.6}),
+                                        ("primitive_cylinder_add", {"radius": 0.3, "depth": 0.8}),
+                                        ("primitive_cone_add", {"radius1": 0.35, "depth": 0.8}))):
+            getattr(bpy.ops.mesh, prim)(location=(-3.0 - 1.2 * i, 0.0, 0.4), **kw)
+            made.append(bpy.context.active_object)
+        select_only(made)
+        st = scn.stepstone
+        st.count, st.subjects, st.spacing = 2, "a chair, a lamp", 1.5
+        assert bpy.ops.stepstone.gallery(options=json.dumps(options.get("gallery", {}))) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 900, "gallery job")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"state": job.state, "error": job.error, "objects": [mesh_summary(bpy, o) for o in objs],
+                "images": list(job.images)}
+
+
+GROUPS = {"main": group_main, "restart": group_restart, "starter": group_starter}
 
 
 def main() -> int:

@@ -26,6 +26,15 @@ TINY_OPTIONS = {
 }
 
 
+# the starter profile's real models (issue 14), shrunk to about a minute per job on a CPU
+STARTER_OPTIONS = {
+    "stylize": {"iterations": 6, "views": 1, "grid_resolution": 48, "preview_every": 3, "eval_views": 1},
+    "gallery": {"config": {"finetune": {"iterations_multi": 20}, "concept": {"steps": 10},
+                           "concept_prior": {"iterations": 6, "augmented_views": 2},
+                           "optimize": {"iterations": 6, "mesh_every": 3}, "score_views": 2}},
+}
+
+
 def _fail_text(step: dict) -> str:
     return step.get("error", "") + "\n" + step.get("traceback", "")
 
@@ -37,6 +46,24 @@ def main_run(addon_zip, tmp_path_factory, backend_cls, scenario_runner):
     try:
         res = scenario_runner("main", addon_zip, folder / "home", connection_file=backend.connection_file,
                             options=json.dumps(TINY_OPTIONS), env={"STEPSTONE_RUNTIME_DIR": str(backend.runtime)})
+    finally:
+        backend.stop()
+    res["_backend_log"] = backend.log.read_text()[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def starter_run(addon_zip, tmp_path_factory, backend_cls, scenario_runner):
+    from backend.models import registry
+
+    if not registry.load_profile("starter").component("diffusion").present:
+        pytest.skip("the starter text-to-image model is not trained (python -m backend train diffusion)")
+    folder = tmp_path_factory.mktemp("blender_starter")
+    backend = backend_cls(folder / "backend", profile="starter").start()
+    try:
+        res = scenario_runner("starter", addon_zip, folder / "home", connection_file=backend.connection_file,
+                              options=json.dumps(STARTER_OPTIONS), timeout=1500,
+                              env={"STEPSTONE_RUNTIME_DIR": str(backend.runtime)})
     finally:
         backend.stop()
     res["_backend_log"] = backend.log.read_text()[-3000:]
@@ -297,3 +324,30 @@ def test_reconnects_to_a_restarted_backend(restart_run):
 def test_unregister_stops_the_local_backend(restart_run):
     s = step(restart_run, "unregister")
     assert s["backend_stopped"] and s["session"]
+
+
+@pytest.mark.timeout(1800)
+def test_starter_profile_offers_every_workflow_and_option(starter_run):
+    s = step(starter_run, "connect")
+    assert s["profile"] == "starter"
+    assert all(s["capabilities"].values()), s["capabilities"]
+    for wf, opts in s["options"].items():
+        for opt, choices in opts.items():
+            assert all(choices.values()), (wf, opt, choices)
+
+
+@pytest.mark.timeout(1800)
+def test_sds_stylize_on_the_starter_model(starter_run):
+    s = step(starter_run, "stylize_sds")
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 1
+    _check_object(s["objects"][0])
+
+
+@pytest.mark.timeout(1800)
+def test_gallery_on_the_starter_model(starter_run):
+    s = step(starter_run, "gallery")
+    assert s["state"] == "done", s["error"]
+    assert len(s["objects"]) == 2 and len(s["images"]) == 2
+    for o in s["objects"]:
+        _check_object(o)

@@ -98,6 +98,7 @@ def optimize_dsd(
     generator: Optional[torch.Generator] = None,
     device: str = "cpu",
     world_scale: float = 1.0,
+    normalization=None,
 ) -> Iterator[Event]:
     """Optimise ``field`` in place with DSD for ``cfg.iterations`` steps; yields Progress and preview meshes.
 
@@ -148,13 +149,21 @@ def optimize_dsd(
         if (it + 1) % cfg.mesh_every == 0 and it + 1 < cfg.iterations:
             v, f, c = field_mesh(field, cfg.preview_resolution, level, allow_empty=True)
             if len(f):
-                yield MeshUpdate(mesh_to_world(v, world_scale), f, c, final=False, name=name,
+                yield MeshUpdate(mesh_to_world(v, world_scale, normalization), f, c, final=False, name=name,
                                  info={"stage": stage, "iteration": it + 1})
     field.zero_grad(set_to_none=True)
     for p in field.parameters():
         p.requires_grad_(False)
 
 
-def mesh_to_world(vertices: np.ndarray, scale: float) -> np.ndarray:
-    """Scale unit-cube vertices to the exemplars' size (``scale`` = world units per unit-cube unit)."""
-    return (np.asarray(vertices, dtype=np.float64) * float(scale)).astype(np.float32)
+def mesh_to_world(vertices: np.ndarray, scale: float, normalization=None) -> np.ndarray:
+    """Scale unit-cube vertices to the exemplars' size (``scale`` = world units per unit-cube unit).
+
+    ``normalization``: the fit that put the initial model into the optimised grid (``mesh_field``); its inverse
+    first brings grid vertices back to the initial model's frame, so previews and the final mesh sit where the
+    initial model was, at its size.
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    if normalization is not None:
+        v = normalization.from_unit(v)
+    return (v * float(scale)).astype(np.float32)
