@@ -117,6 +117,17 @@ def selection_payloads(objects: Iterable[bpy.types.Object], depsgraph: bpy.types
 
 # ---------------------------------------------------------------------------------------------------------------
 # results -> scene
+def principled_bsdf(nt):
+    """The node tree's Principled BSDF, made and wired to a material output when it has none."""
+    bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:
+        bsdf = nt.nodes.new("ShaderNodeBsdfPrincipled")
+        out = next((n for n in nt.nodes if n.type == "OUTPUT_MATERIAL"), None) or nt.nodes.new(
+            "ShaderNodeOutputMaterial")
+        nt.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    return bsdf
+
+
 def vertex_color_material() -> bpy.types.Material:
     """One shared material that shows the ``Col`` colour attribute (Color Attribute node -> Principled BSDF)."""
     mat = bpy.data.materials.get(MATERIAL_NAME)
@@ -125,12 +136,7 @@ def vertex_color_material() -> bpy.types.Material:
     mat = mat or bpy.data.materials.new(MATERIAL_NAME)
     mat.use_nodes = True
     nt = mat.node_tree
-    bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
-    if bsdf is None:
-        bsdf = nt.nodes.new("ShaderNodeBsdfPrincipled")
-        out = next((n for n in nt.nodes if n.type == "OUTPUT_MATERIAL"), None) or nt.nodes.new(
-            "ShaderNodeOutputMaterial")
-        nt.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    bsdf = principled_bsdf(nt)
     col = nt.nodes.new("ShaderNodeVertexColor")
     col.layer_name = COLOR_ATTRIBUTE
     col.location = (bsdf.location.x - 300, bsdf.location.y)
@@ -325,12 +331,7 @@ def baked_material(old: Optional[bpy.types.Material], image: bpy.types.Image, uv
         mat = bpy.data.materials.new(fit_bytes(f"{image.name} material"))
     mat.use_nodes = True
     nt = mat.node_tree
-    bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
-    if bsdf is None:
-        bsdf = nt.nodes.new("ShaderNodeBsdfPrincipled")
-        out = next((n for n in nt.nodes if n.type == "OUTPUT_MATERIAL"), None) or nt.nodes.new(
-            "ShaderNodeOutputMaterial")
-        nt.links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    bsdf = principled_bsdf(nt)
     tex = nt.nodes.new("ShaderNodeTexImage")
     tex.image = image
     tex.name = tex.label = "Stepstone baked texture"
