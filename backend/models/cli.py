@@ -4,8 +4,9 @@
 - ``check [--profile P] [--load]``: what is present and what is missing (starter files are verified against the
   sha256 in ``manifest.json``; ``--load`` also loads each present model). Exit 0 when everything is present, 1 when
   something is missing.
-- ``download clip|diffusion|all``: fetch the public weights of the ``pretrained`` profile into the Hugging Face
-  cache (progress bars from huggingface_hub). Offline, a clear paragraph names the file and this command.
+- ``download clip|diffusion|shap-e|shap-e-img2img|all``: fetch the public weights of the ``pretrained`` profile into
+  the Hugging Face cache (progress bars from huggingface_hub); ``shap-e`` fetches both Shap-E pipelines (text and
+  image -> 3D, the profile's 3D prior). Offline, a clear paragraph names the file and this command.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="profiles and where their models come from")
     c = sub.add_parser("check", help="what is present and what is missing")
-    c.add_argument("--profile", default=None, help="starter (default), pretrained or tiny")
+    c.add_argument("--profile", default=None, help="starter (default), pretrained, tiny or tiny-pretrained")
     c.add_argument("--load", action="store_true", help="also load every present model")
     d = sub.add_parser("download", help="fetch public weights of the pretrained profile")
-    d.add_argument("name", choices=["clip", "diffusion", "all"])
+    d.add_argument("name", choices=["clip", "diffusion", "shap-e", "shap-e-img2img", "all"])
     return p
 
 
@@ -50,7 +51,7 @@ def cmd_check(profile_name: str | None, load: bool) -> int:
             ok, detail = registry.verify_manifest_entry(kind)
         if ok and load:
             try:
-                getattr(prof, kind)()
+                prof.load(kind)
                 detail += "; loads"
             except StepstoneError as exc:
                 ok, detail = False, exc.message
@@ -71,9 +72,16 @@ def cmd_check(profile_name: str | None, load: bool) -> int:
 def cmd_download(name: str) -> int:
     from backend.models import hub
 
-    targets = ["clip", "diffusion"] if name == "all" else [name]
+    from backend.models import shap_e
+
+    targets = {"all": ["clip", "diffusion", "shap-e", "shap-e-img2img"],
+               "shap-e": ["shap-e", "shap-e-img2img"]}.get(name, [name])
     for t in targets:
-        if t == "clip":
+        if t in shap_e.SHAP_E_KINDS:
+            mid = shap_e.model_id(t)
+            path = hub.download_shap_e(mid, t)
+            print(f"{t}: {mid} -> {path}")
+        elif t == "clip":
             model, tag = registry.PRETRAINED_CLIP
             path = hub.download_clip(model, tag)
             print(f"clip: {model} / {tag} -> {path}")

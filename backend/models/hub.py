@@ -129,3 +129,110 @@ def download_diffusers(model_id: str) -> str:
         return snapshot_download(repo_id=model_id, allow_patterns=DIFFUSERS_PATTERNS)
     except Exception as exc:  # noqa: BLE001
         raise ModelUnavailable(_offline_paragraph(f"the diffusion model {model_id}", cmd, exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------- Shap-E (issue 13)
+
+# Components each Shap-E pipeline loads (model_index.json of openai/shap-e also names an older "renderer" folder,
+# which ShapEPipeline does not load: it is neither checked nor downloaded).
+SHAP_E_COMPONENTS = {
+    "shap-e": ("prior", "text_encoder", "tokenizer", "scheduler", "shap_e_renderer"),
+    "shap-e-img2img": ("prior", "image_encoder", "image_processor", "scheduler", "shap_e_renderer"),
+}
+_CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "vocab.json",
+                "image_processor": "preprocessor_config.json"}
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache folder, read now (``HF_HUB_CACHE`` / ``HF_HOME``), not at import."""
+    return _hf_cache_dir()
+
+
+def _weight_names(component: str, variant: str | None) -> list[str]:
+    if variant:
+        return [f"{component}/{s}.{variant}.safetensors" for s in _WEIGHT_STEMS]
+    return [f"{component}/{s}.{ext}" for s in _WEIGHT_STEMS for ext in ("safetensors", "bin")]
+
+
+def _shap_e_files(kind: str, exists) -> tuple[bool, str, str | None]:
+    """(present, detail, variant) of a Shap-E pipeline, ``exists(relative path) -> bool``."""
+    if not exists("model_index.json"):
+        return False, "model_index.json is missing", None
+    for variant in ("fp16", None):
+        missing = None
+        for c in SHAP_E_COMPONENTS[kind]:
+            if c in _CONFIG_FILE:
+                if not exists(f"{c}/{_CONFIG_FILE[c]}"):
+                    missing = f"{c}/{_CONFIG_FILE[c]}"
+                    break
+                continue
+            if not exists(f"{c}/config.json"):
+                missing = f"{c}/config.json"
+                break
+            if not any(exists(n) for n in _weight_names(c, variant)):
+                missing = _weight_names(c, variant)[0]
+                break
+        if missing is None:
+            return True, "fp16 weights" if variant else "fp32 weights", variant
+        if variant is None:
+            return False, f"{missing} is missing", None
+    return False, "incomplete", None  # pragma: no cover
+
+
+def shap_e_in_cache(model_id: str, kind: str) -> tuple[bool, str]:
+    """Whether the Shap-E pipeline ``model_id`` (hub id or local folder) can load offline; (present, detail)."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        ok, detail, _ = _shap_e_files(kind, lambda rel: (local / rel).is_file())
+        return ok, (f"local folder {local} ({detail})" if ok else f"{local}: {detail}")
+    ok, detail, _ = _shap_e_files(kind, lambda rel: _cached(model_id, rel) is not None)
+    if ok:
+        return True, f"{model_id} in the Hugging Face cache ({detail})"
+    return False, f"{model_id} is not in the Hugging Face cache ({detail})"
+
+
+def shap_e_variant(model_id: str | Path, kind: str | None = None) -> str | None:
+    """``"fp16"`` when every weighted component has the fp16 variant (as openai/shap-e publishes), else None."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        exists = lambda rel: (local / rel).is_file()  # noqa: E731
+    else:
+        exists = lambda rel: _cached(str(model_id), rel) is not None  # noqa: E731
+    kinds = [kind] if kind else list(SHAP_E_COMPONENTS)
+    for k in kinds:
+        ok, _, variant = _shap_e_files(k, exists)
+        if ok:
+            return variant
+    return None
+
+
+def download_shap_e(model_id: str, kind: str) -> str:
+    """Fetch what the Shap-E pipeline ``kind`` loads into the HF cache (tqdm progress); returns the snapshot folder.
+
+    Weights: the fp16 ``safetensors`` variant when every component publishes it (about 1.3 GB for openai/shap-e),
+    else the fp32 files.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    cmd = f"python -m backend models download {kind}"
+    if _offline():
+        raise ModelUnavailable(_offline_paragraph(f"the Shap-E model {model_id}", cmd))
+    try:
+        files = HfApi().list_repo_files(model_id)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailable(_offline_paragraph(f"the Shap-E model {model_id}", cmd, exc)) from exc
+    comps = SHAP_E_COMPONENTS[kind]
+    weighted = [c for c in comps if c not in _CONFIG_FILE]
+    fp16 = all(any(f in files for f in _weight_names(c, "fp16")) for c in weighted)
+    patterns = ["model_index.json"]
+    for c in comps:
+        patterns += [f"{c}/*.json", f"{c}/*.txt"]
+        if c in weighted:
+            names = [f for f in _weight_names(c, "fp16" if fp16 else None) if f in files]
+            safes = [f for f in names if f.endswith(".safetensors")]
+            patterns += (safes or names)[:1]
+    try:
+        return snapshot_download(repo_id=model_id, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailable(_offline_paragraph(f"the Shap-E model {model_id}", cmd, exc)) from exc

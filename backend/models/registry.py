@@ -14,6 +14,15 @@ A *profile* names a complete model set (DESIGN.md, "Models, weights and profiles
   weights** for these architectures; the profile looks for them under
   ``$STEPSTONE_MODELS_DIR/pretrained/<kind>/`` (default ``~/.cache/stepstone/models``) and says they are missing.
 - ``tiny``: random, very small configurations built deterministically in memory, for tests.
+- ``tiny-pretrained``: the ``pretrained`` profile's model set and routes with tiny random weights built in memory
+  (tiny CLIP and diffusion as in ``tiny``, tiny Shap-E with diffusers' test shapes, no ISS models), for tests.
+
+3D prior (issue 13): ``pretrained`` also has Shap-E (``shap-e``: ``openai/shap-e``, text -> 3D;
+``shap-e-img2img``: ``openai/shap-e-img2img``, image -> 3D; ``STEPSTONE_SHAP_E_MODEL`` /
+``STEPSTONE_SHAP_E_IMG2IMG_MODEL`` override the ids or name a local folder), fetched by ``python -m backend models
+download shap-e`` into the HF cache. It takes the place of the models trained on 3D data that have no public
+weights: text to shape runs Shap-E's shape as the Dream3D shape prior, image to shape and the theme gallery lift
+images with Shap-E img2img. :meth:`Profile.route` names the route each workflow takes.
 
 Loading a profile is cheap: models load lazily on first use and are cached in :data:`_MODEL_CACHE` (the only
 global state allowed by the design), keyed by (profile, kind, device, source).
@@ -62,8 +71,11 @@ from backend.errors import InputError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("starter", "pretrained", "tiny")
+PROFILES = ("starter", "pretrained", "tiny", "tiny-pretrained")
+TINY_PROFILES = ("tiny", "tiny-pretrained")
 KINDS = ("clip", "diffusion", "svr", "mapper", "prior", "cisp")
+PRIOR_KINDS = ("shap-e", "shap-e-img2img")  # the pretrained 3D prior (issue 13)
+PRIOR_PROFILES = ("pretrained", "tiny-pretrained")  # profiles whose 3D knowledge comes from Shap-E
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -251,16 +263,32 @@ class Profile:
         if self.name == "starter":
             entry = read_manifest().get("models", {}).get(kind, {})
             return starter_dir() / entry.get("path", kind)
-        if self.name == "pretrained" and kind not in ("clip", "diffusion"):
+        if self.name == "pretrained" and kind in KINDS and kind not in ("clip", "diffusion"):
             return user_models_dir() / "pretrained" / kind
         return None
 
+    def kinds(self) -> tuple[str, ...]:
+        """The model kinds of this profile (the ``pretrained`` set adds the Shap-E 3D prior)."""
+        return KINDS + PRIOR_KINDS if self.name in PRIOR_PROFILES else KINDS
+
+    def has_3d_prior(self) -> bool:
+        """Whether this profile's 3D knowledge comes from Shap-E (``pretrained``, ``tiny-pretrained``)."""
+        return self.name in PRIOR_PROFILES
+
     def component(self, kind: str) -> ComponentStatus:
         """Cheap presence check of one part (file existence / HF cache lookup; no hashing, no loading)."""
-        if kind not in KINDS:
-            raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        if kind not in KINDS + PRIOR_KINDS:
+            raise InputError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS + PRIOR_KINDS)}")
+        if kind in PRIOR_KINDS:
+            return self._prior_component(kind)
         if self.name == "tiny":
             return ComponentStatus(kind, "tiny (random, built in memory)", True, "random weights for tests")
+        if self.name == "tiny-pretrained":
+            if kind in ("clip", "diffusion"):
+                return ComponentStatus(kind, "tiny (random, built in memory)", True, "random weights for tests")
+            return ComponentStatus(kind, "not part of tiny-pretrained", False,
+                                   f"like the pretrained profile, tiny-pretrained has no {kind} model (no public "
+                                   "weights); its 3D prior is Shap-E", public=False)
         if self.name == "pretrained" and kind == "clip":
             from backend.models import hub
 
@@ -301,6 +329,46 @@ class Profile:
             f"no public weights exist for this project's {kind} model; expected a trained copy at {folder / missing[0]}",
             fetch=f"python -m backend train {kind} --out {folder}", public=False)
 
+    def _prior_component(self, kind: str) -> ComponentStatus:
+        """Presence of a Shap-E pipeline: tiny in memory, or the HF cache / a local folder for ``pretrained``."""
+        from backend.models import shap_e
+
+        fetch = shap_e.download_command(kind)
+        if self.name == "tiny-pretrained":
+            return ComponentStatus(kind, "tiny Shap-E (random, built in memory)", True, "random weights for tests")
+        if self.name != "pretrained":
+            return ComponentStatus(kind, f"not part of the {self.name} profile", False,
+                                   f"the {self.name} profile has no Shap-E 3D prior; start the backend with "
+                                   "`--profile pretrained`", public=False)
+        from backend.models import hub
+
+        mid = shap_e.model_id(kind)
+        present, detail = hub.shap_e_in_cache(mid, kind)
+        return ComponentStatus(kind, f"diffusers {mid}", present, detail, fetch=fetch)
+
+    def route(self, workflow: str) -> str:
+        """The route ``workflow`` takes on this profile (a short sentence; shown in the panel)."""
+        lift = self.lift_route()
+        routes = {
+            "text-to-shape": ("Shap-E shape prior, then Dream3D CLIP guidance (paper 001)" if self.has_3d_prior()
+                              else "ISS++ stage-1 mapper, stage-2 alignment (paper 000)"),
+            "image-to-shape": {"shap-e": "Shap-E img2img lift", "cisp": "CISP voxel diffusion (paper 002)",
+                               "svr": "ISS SVR encoder (paper 000)"}.get(lift, "no lifting model"),
+            "gallery": ("ThemeStation: theme fine-tune, concept images, "
+                        + {"shap-e": "Shap-E img2img", "cisp": "CISP", "svr": "SVR"}.get(lift, "a lift")
+                        + " initial model, dual score distillation (paper 003)"),
+            "stylize": "ISS++ CLIP stylization, SDS with the text-to-image model (paper 000)",
+            "diagnostic": "no models",
+        }
+        return routes.get(workflow, "")
+
+    def lift_route(self) -> str:
+        """The image -> 3D model ``auto`` picks: CISP, else the SVR model, else Shap-E img2img ("" if none)."""
+        for kind, name in (("cisp", "cisp"), ("svr", "svr"), ("shap-e-img2img", "shap-e")):
+            if kind in self.kinds() and self.component(kind).present:
+                return name
+        return ""
+
     def subjects(self) -> Optional[list[str]]:
         """The object categories this profile's shape models were trained on (None: open-world, e.g. pretrained)."""
         if self.name == "starter":
@@ -310,7 +378,7 @@ class Profile:
         return None
 
     def components(self) -> dict[str, ComponentStatus]:
-        return {k: self.component(k) for k in KINDS}
+        return {k: self.component(k) for k in self.kinds()}
 
     # ------------------------------------------------------------------ capabilities
 
@@ -328,16 +396,22 @@ class Profile:
         caps: dict[str, dict] = {}
         caps["diagnostic"] = {"available": True, "reason": "", "options": {}}
 
-        # ISS++: CLIP -> mapper -> SVR latent -> decoder (stage 1/2); refined = SDS (Eq. 7) needs diffusion.
-        fast = need("clip", "svr", "mapper")
-        refined_ok, refined_reason = need("clip", "svr", "mapper", "diffusion")
+        if self.has_3d_prior():
+            # issue 13: Shap-E's shape as the Dream3D shape prior (Eq. 9), CLIP guidance (Eq. 1); refined adds SDS.
+            fast = need("clip", "shap-e")
+            refined_ok, refined_reason = need("clip", "shap-e", "diffusion")
+            diversity = need("shap-e")  # every variant samples its own Shap-E latent
+        else:
+            # ISS++: CLIP -> mapper -> SVR latent -> decoder (stage 1/2); refined = SDS (Eq. 7) needs diffusion.
+            fast = need("clip", "svr", "mapper")
+            refined_ok, refined_reason = need("clip", "svr", "mapper", "diffusion")
+            diversity = need("prior")  # ISS++ Eq. 5: diversity through the diffusion prior f_{T->I}
         caps["text-to-shape"] = {
             "available": fast[0],
             "reason": fast[1],
             "options": {
                 "quality": {"fast": opt(fast), "refined": opt((refined_ok, refined_reason))},
-                # ISS++ Eq. 5: diversity through the diffusion prior f_{T->I}
-                "diversity": {"prior": opt(need("prior")), "none": opt((True, ""))},
+                "diversity": {"prior": opt(diversity), "none": opt((True, ""))},
             },
         }
         # ISS++ Sec. 3.3: texture / shape-and-texture (CLIP) and SDS stylization (Eq. 7).
@@ -350,17 +424,25 @@ class Profile:
         }
         # image-to-shape: CISP-conditioned voxel diffusion (paper 002) or the ISS SVR encoder.
         cisp_ok, svr_ok = need("cisp"), need("svr")
-        lift_ok = cisp_ok[0] or svr_ok[0]
+        methods = {"cisp": opt(cisp_ok), "svr": opt(svr_ok)}
+        lift_reasons = [cisp_ok[1], svr_ok[1]]
+        if self.has_3d_prior():  # issue 13: Shap-E img2img lifts the image (ThemeStation Sec. 3.2's role)
+            shap_ok = need("shap-e-img2img")
+            methods["shap-e"] = opt(shap_ok)
+            lift_reasons = [shap_ok[1]]  # what an artist of this profile can fetch (the others have no weights)
+        lift_ok = any(m["available"] for m in methods.values())
         caps["image-to-shape"] = {
             "available": lift_ok,
-            "reason": "" if lift_ok else f"{cisp_ok[1]}; {svr_ok[1]}",
-            "options": {"method": {"cisp": opt(cisp_ok), "svr": opt(svr_ok)}},
+            "reason": "" if lift_ok else "; ".join(r for r in lift_reasons if r),
+            "options": {"method": methods},
         }
         # ThemeStation: fine-tuned text-to-image (concept images) + lift to 3D + dual score distillation.
         diff = need("diffusion")
         gallery_ok = diff[0] and lift_ok
         reasons = [r for r in (diff[1], "" if lift_ok else caps["image-to-shape"]["reason"]) if r]
         caps["gallery"] = {"available": gallery_ok, "reason": "; ".join(reasons), "options": {}}
+        for wf, cap in caps.items():
+            cap["route"] = self.route(wf)
         return caps
 
     # ------------------------------------------------------------------ models (lazy, cached)
@@ -384,7 +466,7 @@ class Profile:
         from backend.models import clip as clip_mod
 
         st = self._require("clip")
-        if self.name == "tiny":
+        if self.name in TINY_PROFILES:
             return self._cached("clip", "tiny", lambda: clip_mod.ClipModel.tiny(device=self.device))
         if self.name == "pretrained":
             name, tag = PRETRAINED_CLIP
@@ -400,7 +482,7 @@ class Profile:
 
         st = self._require("diffusion")
         key = st.source + (json.dumps(options, sort_keys=True, default=str) if options else "")
-        if self.name == "tiny":
+        if self.name in TINY_PROFILES:
             return self._cached("diffusion", key, lambda: diff_mod.DiffusionBundle.tiny(device=self.device))
         source = sd_model_id() if st.source.startswith("diffusers ") else st.source
         return self._cached("diffusion", key,
@@ -432,6 +514,27 @@ class Profile:
     def cisp(self):
         """CISP (:class:`backend.models.cisp.CISP`): joint image/voxel embedding + conditioned voxel diffusion."""
         return self._local_model("cisp", "cisp", "CISP", "tiny")
+
+    def _shap_e(self, kind: str):
+        from backend.models import shap_e
+
+        st = self._require(kind)
+        if self.name == "tiny-pretrained":
+            return self._cached(kind, "tiny", lambda: shap_e.ShapE.tiny(kind, device=self.device))
+        mid = shap_e.model_id(kind)
+        return self._cached(kind, st.source, lambda: shap_e.ShapE.from_pretrained(mid, kind, device=self.device))
+
+    def shap_e(self):
+        """Shap-E text -> 3D (:class:`backend.models.shap_e.ShapE`, ``openai/shap-e``), the 3D prior."""
+        return self._shap_e("shap-e")
+
+    def shap_e_img2img(self):
+        """Shap-E image -> 3D (:class:`backend.models.shap_e.ShapE`, ``openai/shap-e-img2img``)."""
+        return self._shap_e("shap-e-img2img")
+
+    def load(self, kind: str):
+        """The model of ``kind`` (``models check --load``)."""
+        return getattr(self, kind.replace("-", "_"))()
 
 
 def _unavailable_paragraph(profile: str, st: ComponentStatus) -> str:

@@ -7,9 +7,12 @@ Two lifting methods, both from the profile:
   no colour, so vertices take the colour of the image projected from the view the image was drawn from (front).
 - ``svr`` (ISS, paper 000, Sec. 3): image -> shape latent ``z = E_S(I)`` -> implicit decoder ``D(p, z)`` ->
   occupancy logits on a grid -> marching cubes at occupancy 0.5; colours from the decoder's colour head.
+- ``shap-e`` (issue 13, the ``pretrained`` profile's public 3D prior): Shap-E img2img samples a latent from the
+  image's CLIP ViT-L/14 tokens, the latent's NeRSTF field gives an SDF grid, marching cubes at 0 and colours from
+  its texture head (:mod:`backend.models.shap_e`); ``steps`` / ``guidance_scale`` are Shap-E's (64 / 3.0).
 
 ``auto`` takes CISP when the profile has it (better image-to-shape coherence than CLIP conditioning, paper 002),
-else the SVR model. ThemeStation (paper 003, Sec. 3.2) uses this step for its rough initial model.
+else the SVR model, else Shap-E img2img. ThemeStation (paper 003, Sec. 3.2) uses this step for its rough initial model.
 
 Simplification: with untrained (tiny) or weak models the surface may be missing at the nominal iso-level; then the
 level is lowered to enclose ``fill_fraction`` of the grid (reported in ``info["iso_fallback"]``), so the workflow
@@ -40,7 +43,7 @@ from backend.events import checkpoint as cancel_checkpoint
 log = logging.getLogger(__name__)
 
 NAME = "image-to-shape"
-METHODS = ("auto", "cisp", "svr")
+METHODS = ("auto", "cisp", "svr", "shap-e")
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
@@ -137,7 +140,7 @@ def choose_method(profile: Any, method: str) -> str:
     caps = profile.capabilities().get(NAME, {})
     opts = caps.get("options", {}).get("method", {})
     if method == "auto":
-        for m in ("cisp", "svr"):
+        for m in ("cisp", "svr", "shap-e"):
             if opts.get(m, {}).get("available"):
                 return m
         raise ModelUnavailable(f"image-to-shape is not available with the {profile.name!r} profile: "
@@ -235,11 +238,26 @@ def lift_svr(image: Tensor, svr: Any, cfg: ImageToShapeConfig) -> LiftedShape:
     return LiftedShape(v, f, c, "svr", info)
 
 
+def lift_shap_e(image: Tensor, model: Any, cfg: ImageToShapeConfig, generator: torch.Generator) -> LiftedShape:
+    """Shap-E img2img (issue 13): latent from the image, SDF grid, marching cubes, colours, unit cube."""
+    from backend.models.shap_e import DEFAULT_STEPS
+
+    steps = int(cfg.steps) if cfg.steps is not None else DEFAULT_STEPS
+    latent = model.sample(square(image), steps=steps, guidance_scale=cfg.guidance_scale, generator=generator,
+                          on_step=lambda i, n: cancel_checkpoint())
+    shape = model.decode_mesh(latent, int(cfg.mesh_resolution), target_faces=cfg.target_faces,
+                              fill_fraction=cfg.fill_fraction, checkpoint=cancel_checkpoint)
+    info = dict(shape.info, steps=steps)
+    return LiftedShape(shape.vertices, shape.faces, shape.colors, "shap-e", info)
+
+
 def lift_image(image: Tensor, profile: Any, cfg: ImageToShapeConfig, generator: Optional[torch.Generator] = None
                ) -> LiftedShape:
     """Lift ``image`` (1, 3, H, W) in [0, 1] to a coloured mesh in the unit cube with the profile's models."""
     method = choose_method(profile, cfg.method)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    if method == "shap-e":
+        return lift_shap_e(image, profile.shap_e_img2img(), cfg, gen)
     if method == "cisp":
         return lift_cisp(image, profile.cisp(), cfg, gen)
     return lift_svr(image, profile.svr(), cfg)
@@ -264,10 +282,12 @@ def config_from_params(params: dict) -> ImageToShapeConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="PNG or JPEG image of one object (concept art, render)")
-    parser.add_argument("--method", default="auto", choices=METHODS, help="lifting model (auto: CISP if present)")
-    parser.add_argument("--guidance", type=float, default=None, help="CISP classifier-free guidance weight w")
-    parser.add_argument("--steps", type=int, default=None, help="CISP voxel diffusion sampling steps")
-    parser.add_argument("--resolution", type=int, default=64, help="SVR marching-cubes grid resolution")
+    parser.add_argument("--method", default="auto", choices=METHODS,
+                        help="lifting model (auto: CISP if present, else SVR, else Shap-E img2img)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance weight (CISP w, Shap-E's guidance scale)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (CISP voxel diffusion, Shap-E)")
+    parser.add_argument("--resolution", type=int, default=64, help="marching-cubes grid resolution (SVR, Shap-E)")
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
