@@ -5,6 +5,8 @@
    (:func:`image_shape_prior`: a (fine-tuned) text-to-image model draws "<prompt> in the style of *", the SVR
    encoder E_S lifts it to a latent, the decoder gives the shape; Sec. 3.2-3.3 and appendix G.1, which uses an SVR
    model as the image-to-shape module).
+   With the ``pretrained`` profile the prior is Shap-E's shape (:mod:`backend.pipelines.shap_e_route`, issue 13): the public
+   text-to-3D model trained on 3D data plays the role of Dream3D's text-to-shape generator.
 2. The DVGO density grid is initialised from the SDF by Eq. 9a/9b as printed (raw grid clamped at DVGO's 0, shift
    b of Eq. 8 applied when rendering) and the colour MLP randomly (:func:`init_density_grid`).
 3. :class:`Dream3DOptimizer` optimises density grid and colour MLP with the CLIP loss (Eq. 1) on renders over random
@@ -61,6 +63,11 @@ class Dream3DConfig:
     image_steps: int = 30  # DDIM steps of the text -> image shape prior (ours)
     image_guidance: float = 7.5  # classifier-free guidance of that image (Stable Diffusion's default)
     style_template: str = "{prompt} in the style of *"  # Sec. 3.3: "a CLS in the style of *"
+    # optional SDS with a text-to-image model on the same renders (ISS++ Eq. 7; issue 13's "refined" quality on
+    # the Shap-E route). The weight is ours: SDS gradients (guidance 100) are ~1e4 x CLIP's per pixel.
+    lambda_sds: float = 0.0
+    sds_guidance: float = 100.0  # DreamFusion
+    sds_t_range: tuple[float, float] = (0.02, 0.98)  # DreamFusion's U[0.02, 0.98]
     view: ViewConfig = field(default_factory=ViewConfig)
 
 
@@ -125,7 +132,9 @@ class Dream3DOptimizer:
     """Optimise a :class:`DensityGridField` initialised from a shape prior (Dream3D Sec. 3.1, appendix D)."""
 
     def __init__(self, grid_field: DensityGridField, prior_sdf: np.ndarray | Tensor, clip: Any, f_text: Tensor,
-                 config: Dream3DConfig, generator: torch.Generator, device: str = "cpu") -> None:
+                 config: Dream3DConfig, generator: torch.Generator, device: str = "cpu",
+                 sds: Optional[tuple[Any, Tensor, Tensor]] = None) -> None:
+        """``sds``: ``(diffusion bundle, cond, uncond)`` for the optional SDS term (``config.lambda_sds > 0``)."""
         self.field = grid_field
         self.field.requires_grad_(True)
         self.prior_sdf = torch.as_tensor(prior_sdf, dtype=torch.float32, device=device)
@@ -142,6 +151,9 @@ class Dream3DOptimizer:
             {"params": list(self.field.color.parameters()), "lr": config.lr_color},
         ])
         self.iteration = 0
+        self.sds = sds
+        if config.lambda_sds > 0 and sds is None:
+            raise ValueError("lambda_sds > 0 needs sds=(bundle, cond, uncond)")
 
     def step(self) -> dict[str, float]:
         cfg, v = self.config, self.config.view
@@ -167,6 +179,13 @@ class Dream3DOptimizer:
             l_p = shape_prior_preserving_loss(self.field.density_grid(), self.prior_sdf, self.field.voxel_size)
             loss = loss + cfg.lambda_prior * l_p
             out["prior"] = float(l_p.detach())
+        if cfg.lambda_sds > 0 and self.sds is not None:
+            from backend.losses.sds import sds_loss
+
+            bundle, cond, uncond = self.sds
+            l_s = sds_loss(bundle, r["images"], cond, uncond, cfg.sds_guidance, cfg.sds_t_range, self.generator)
+            loss = loss + cfg.lambda_sds * l_s
+            out["sds"] = float(l_s.detach())
         if loss.requires_grad:
             loss.backward()
             self.opt.step()

@@ -7,7 +7,10 @@ fine-tunes the decoder with score distillation (Sec. 3.4.2, Eq. 7). Paper 001 (D
 takes the stage-2 shape (or, with ``shape_prior="image"``, a text -> rendering-style image -> shape prior) as the
 3D shape prior, initialises a density grid by Eq. 9 and optimises it with CLIP (Eq. 1), random backgrounds, the
 transmittance loss and the shape-prior-preserving loss (Eq. 4). The stages live in
-:mod:`backend.pipelines.iss_stages` and :mod:`backend.pipelines.dream3d`.
+:mod:`backend.pipelines.iss_stages` and :mod:`backend.pipelines.dream3d`. On a profile with the Shap-E 3D prior
+(``pretrained``) the default route is ``shape_prior="shap-e"`` (issue 13, :mod:`backend.pipelines.shap_e_route`):
+Shap-E's shape is the Dream3D prior; :func:`resolve_route` picks the route when ``method`` / ``shape_prior`` are
+not given.
 
 Events: ``Progress`` every iteration (stages "align", "refine", "dream3d"), an intermediate ``MeshUpdate`` every
 ``preview_every`` iterations (marching cubes at ``preview_resolution``), one final ``MeshUpdate`` per variant
@@ -63,14 +66,14 @@ MAX_PROMPT_CHARS = 1000  # far more than CLIP's 77 tokens can read; longer input
 MAX_VARIANTS = 16
 QUALITIES = ("fast", "refined")
 METHODS = ("iss", "dream3d")
-SHAPE_PRIORS = ("iss", "image")
+SHAPE_PRIORS = ("iss", "image", "shap-e")
 
 DEFAULTS: dict[str, Any] = {
     "variants": 1,
     "seed": None,  # None: the job context's seed
     "quality": "fast",
-    "method": "iss",
-    "shape_prior": "iss",
+    "method": None,  # None: the profile's route (resolve_route): iss, or dream3d on a Shap-E profile
+    "shape_prior": None,  # None: iss, or shap-e on a Shap-E profile
     "tau": 0.5,  # ISS++ Eq. 5, Sec. 4.2
     "iterations": None,  # stage-2 iterations (None: 20, Sec. 4.2)
     "refine_iterations": None,  # SDS iterations (None: SDSConfig default)
@@ -85,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     "lr": None,  # stage-2 Adam learning rate (None: 1e-4)
     "grid_resolution": None,  # Dream3D density grid (None: 64)
     "prior_image_steps": None,  # DDIM steps of Dream3D's text -> image prior (None: 30)
+    "prior_steps": None,  # Shap-E sampling steps (None: 64)
+    "prior_guidance": None,  # Shap-E classifier-free guidance (None: 15)
+    "prior_resolution": None,  # Shap-E decoding grid (None: 128 on a GPU, 64 on a CPU)
 }
 
 _INT_RANGES = {
@@ -101,6 +107,8 @@ _INT_RANGES = {
     "n_samples": (2, 512),
     "grid_resolution": (8, 256),
     "prior_image_steps": (1, 500),
+    "prior_steps": (1, 1000),
+    "prior_resolution": (16, 256),
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -128,10 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", type=int, default=1, help="number of different shapes (ISS++ Eq. 5)")
     parser.add_argument("--quality", choices=QUALITIES, default="fast",
                         help="fast: two-stage alignment; refined: + SDS refinement (needs a diffusion model)")
-    parser.add_argument("--method", choices=METHODS, default="iss",
-                        help="iss: ISS++; dream3d: ISS shape as prior, then Dream3D CLIP optimisation of a grid")
-    parser.add_argument("--shape-prior", choices=SHAPE_PRIORS, default="iss",
-                        help="Dream3D prior: iss (stage-2 shape) or image (text -> image -> shape)")
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="iss: ISS++; dream3d: a shape prior, then Dream3D CLIP optimisation of a grid "
+                             "(default: the profile's route)")
+    parser.add_argument("--shape-prior", choices=SHAPE_PRIORS, default=None,
+                        help="Dream3D prior: iss (stage-2 shape), image (text -> image -> shape) or shap-e "
+                             "(default: shap-e on the pretrained profile, else iss)")
     parser.add_argument("--tau", type=float, default=0.5, help="diversity vs. text consistency (Eq. 5), 0..1")
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
@@ -140,6 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview-every", type=int, default=5, help="iterations between intermediate meshes")
     parser.add_argument("--views", type=int, default=None, help="views per stage-2 iteration (m, default 10)")
     parser.add_argument("--render-resolution", type=int, default=None, help="render size for CLIP (default 90)")
+    parser.add_argument("--grid-resolution", type=int, default=None, help="Dream3D density grid (default 64)")
+    parser.add_argument("--prior-steps", type=int, default=None, help="Shap-E sampling steps (default 64)")
+    parser.add_argument("--prior-resolution", type=int, default=None,
+                        help="Shap-E decoding grid (default 128 on a GPU, 64 on a CPU)")
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
@@ -158,6 +172,9 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "preview_every": args.preview_every,
         "views": args.views,
         "render_resolution": args.render_resolution,
+        "grid_resolution": getattr(args, "grid_resolution", None),
+        "prior_steps": getattr(args, "prior_steps", None),
+        "prior_resolution": getattr(args, "prior_resolution", None),
     }
     return params, []
 
@@ -194,6 +211,8 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
     if out["seed"] is not None:
         out["seed"] = _as_int("seed", out["seed"])
     for name, choices in (("quality", QUALITIES), ("method", METHODS), ("shape_prior", SHAPE_PRIORS)):
+        if out[name] is None and name != "quality":
+            continue  # the profile's route (resolve_route)
         if out[name] not in choices:
             raise InputError(f"{name} must be one of {', '.join(choices)}, got {out[name]!r}")
     try:
@@ -208,13 +227,46 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
         if not 0.0 < lr < 1.0:
             raise InputError(f"lr must lie in (0, 1), got {lr}")
         out["lr"] = lr
+    if out["prior_guidance"] is not None:
+        g = float(out["prior_guidance"])
+        if not 0.0 <= g <= 100.0:
+            raise InputError(f"prior_guidance must lie in [0, 100], got {g}")
+        out["prior_guidance"] = g
     if profile is not None:
+        out = resolve_route(out, profile)
         check_capabilities(out, profile)
+    return out
+
+
+def resolve_route(params: dict, profile: Any) -> dict:
+    """Fill ``method`` / ``shape_prior`` left open with the profile's route: Shap-E + Dream3D on a profile with the
+    Shap-E 3D prior (issue 13), ISS++ elsewhere."""
+    out = dict(params)
+    shap = bool(getattr(profile, "has_3d_prior", lambda: False)())
+    if out.get("shape_prior") is None:
+        out["shape_prior"] = "shap-e" if shap and out.get("method") in (None, "dream3d") else "iss"
+    if out.get("method") is None:
+        out["method"] = "dream3d" if out["shape_prior"] in ("shap-e", "image") else "iss"
+    if out["shape_prior"] == "shap-e" and out["method"] != "dream3d":
+        raise InputError("the Shap-E shape prior is refined by Dream3D: use method \"dream3d\" (or leave it out)")
     return out
 
 
 def check_capabilities(params: dict, profile: Any) -> None:
     """Raise :class:`ModelUnavailable` with the profile's own reason when it cannot run these options."""
+    params = resolve_route(params, profile)
+    if params["shape_prior"] == "shap-e":
+        st = profile.component("shap-e")
+        if not st.present:
+            raise ModelUnavailable(f"text-to-shape with the Shap-E prior is not available with the "
+                                   f"{profile.name!r} profile: {st.reason()}")
+    elif getattr(profile, "has_3d_prior", lambda: False)():
+        missing = [k for k in ("svr", "mapper") if not profile.component(k).present]
+        if missing:
+            raise ModelUnavailable(f"method {params['method']!r} with shape prior {params['shape_prior']!r} needs the "
+                                   f"ISS models, which the {profile.name!r} profile does not have: "
+                                   + "; ".join(profile.component(k).reason() for k in missing)
+                                   + "; leave method and shape_prior out to use its Shap-E route")
     caps = profile.capabilities().get(NAME, {})
     if not caps.get("available", False):
         raise ModelUnavailable(f"text-to-shape is not available with the {profile.name!r} profile: "
@@ -391,8 +443,14 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     """Generate ``variants`` shapes for the prompt; see the module docstring for the events."""
     params = validate(params, inputs)
     profile, device = ctx.profile, ctx.device
+    params = resolve_route(params, profile)
     check_capabilities(params, profile)
     seed = int(params["seed"] if params["seed"] is not None else ctx.seed)
+    if params["shape_prior"] == "shap-e":  # issue 13: Shap-E prior + Dream3D
+        from backend.pipelines import shap_e_route
+
+        yield from shap_e_route.run(params, ctx, seed)
+        return
     n = params["variants"]
     prompt = params["prompt"]
     s2 = stage2_config(params, device)
