@@ -139,7 +139,7 @@ SHAP_E_COMPONENTS = {
     "shap-e": ("prior", "text_encoder", "tokenizer", "scheduler", "shap_e_renderer"),
     "shap-e-img2img": ("prior", "image_encoder", "image_processor", "scheduler", "shap_e_renderer"),
 }
-_CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "vocab.json",
+_CONFIG_FILE = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json",
                 "image_processor": "preprocessor_config.json"}
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 

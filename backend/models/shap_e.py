@@ -201,7 +201,7 @@ class ShapE:
             kwargs = {"local_files_only": True, "cache_dir": cache_dir or hub.hf_cache_dir()}
             where = source
         try:
-            pipe = pipe_cls.from_pretrained(where, torch_dtype=dtype, variant=variant, **kwargs)
+            pipe = pipe_cls.from_pretrained(where, dtype=dtype, variant=variant, **kwargs)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelUnavailable(
                 f"cannot load the Shap-E model {source} ({kind}) from {'that folder' if local.is_dir() else 'the Hugging Face cache'}: "
