@@ -384,3 +384,69 @@ def test_cli_without_the_download_names_the_command(empty_hf_cache, tmp_path, ca
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from backend.selftest import BackendProcess
+
+    with BackendProcess(tmp_path_factory.mktemp("shap-e-backend"), profile="tiny-pretrained") as b:
+        c = b.client(name="test-shap-e")
+        yield b, c
+        c.close()
+
+
+def _server_job(c, workflow: str, params: dict, meshes=None, timeout_s: float = 240):
+    from backend.selftest import accepted_job, collect, is_terminal_for
+    from shared import protocol as P
+
+    ref = c.submit(workflow, params, meshes)
+    msgs = collect(c, lambda m: (m.kind == P.REJECTED and m.fields.get("ref") == ref) or m.kind in P.TERMINAL_KINDS,
+                   timeout_s)
+    job = accepted_job(msgs, ref)
+    if not is_terminal_for(job)(msgs[-1]):
+        msgs += collect(c, is_terminal_for(job), timeout_s)
+    mine = [m for m in msgs if m.fields.get("job") == job]
+    assert mine[-1].kind == P.DONE, mine[-1].fields
+    return mine
+
+
+def test_server_welcome_names_the_routes(server):
+    _, c = server
+    w = c.welcome
+    assert w["profile"] == "tiny-pretrained"
+    caps = w["capabilities"]
+    assert caps["text-to-shape"]["available"] and "Shap-E" in caps["text-to-shape"]["route"]
+    assert caps["image-to-shape"]["route"] == "Shap-E img2img lift" and caps["gallery"]["available"]
+
+
+def test_server_text_to_shape_streams_the_prior_then_the_final_mesh(server):
+    from shared import protocol as P
+
+    _, c = server
+    msgs = _server_job(c, "text-to-shape", dict(T2S))
+    meshes = [m for m in msgs if m.kind == P.MESH]
+    assert meshes[0].fields["info"]["stage"] == "shap-e prior" and not meshes[0].fields["final"]
+    final = [m for m in meshes if m.fields["final"]]
+    assert len(final) == 1 and final[0].fields["info"]["route"] == "shap-e+dream3d"
+    assert len(final[0].arrays["faces"]) > 0 and "colors" in final[0].arrays
+
+
+def test_server_image_to_shape_and_gallery_of_two_lift_with_shap_e(server):
+    from shared import protocol as P
+
+    _, c = server
+    msgs = _server_job(c, "image-to-shape", {"image_png": base64.b64encode(_png()).decode(), "image_name": "red",
+                                             "config": I2S_CONFIG})
+    final = [m for m in msgs if m.kind == P.MESH and m.fields["final"]]
+    assert len(final) == 1 and final[0].fields["info"]["method"] == "shap-e"
+    ex = _exemplar("Tower")
+    msgs = _server_job(c, "gallery", dict(GALLERY, count=2, subjects=["a barn"]),
+                       [{"name": ex.name, "vertices": ex.vertices, "faces": ex.faces, "colors": ex.colors}])
+    finals = [m for m in msgs if m.kind == P.MESH and m.fields["final"]]
+    assert [m.fields["name"] for m in finals] == ["item_0", "item_1"]
+    assert all(m.fields["info"]["method"] == "shap-e" for m in finals)
+    assert len([m for m in msgs if m.kind == P.IMAGE]) == 2
