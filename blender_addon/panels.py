@@ -58,6 +58,9 @@ class STEPSTONE_PT_status(_Panel, bpy.types.Panel):
                 r = box.row()
                 r.enabled = ok
                 r.label(text=name, icon="CHECKBOX_HLT" if ok else "CHECKBOX_DEHLT")
+                route = s.workflow_route(name)
+                if route and name != "diagnostic":  # which models this profile runs it with (issue 13)
+                    label_wrapped(box, context, f"Route: {route}")
                 if not ok and why:
                     label_wrapped(box, context, why)
         for n in list(s.notices)[:3]:

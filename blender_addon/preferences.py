@@ -11,6 +11,8 @@ PROFILES = [
     ("starter", "Starter", "Small models trained by the project; runs on a laptop CPU, no download"),
     ("pretrained", "Pretrained", "Public weights (CLIP, Stable Diffusion...); needs a CUDA GPU and a one-time download"),
     ("tiny", "Tiny", "Random tiny models, for testing the installation only"),
+    ("tiny-pretrained", "Tiny pretrained", "The pretrained profile's routes (Shap-E) with random tiny models, "
+                                           "for testing only"),
 ]
 DEVICES = [
     ("auto", "Auto", "CUDA when available, otherwise CPU"),

@@ -113,6 +113,11 @@ class Session:
             return False, c.get("reason") or f"{workflow} is not available with this profile"
         return True, ""
 
+    def workflow_route(self, workflow: str) -> str:
+        """The route the backend's profile takes for ``workflow`` (e.g. "Shap-E shape prior, then Dream3D ..."), or
+        "" when the backend does not say."""
+        return str((self.capabilities().get(workflow) or {}).get("route") or "")
+
     def preset_info(self, workflow: str) -> dict:
         """The backend's presets for ``workflow`` (default, and per preset memory / time / fits), or {}."""
         return ((self.welcome.get("presets") or {}).get(workflow)) or {}

@@ -823,7 +823,98 @@ def group_starter(bpy, mod, args, results: dict) -> None:
                 "images": list(job.images)}
 
 
-GROUPS = {"main": group_main, "restart": group_restart, "starter": group_starter}
+def group_pretrained(bpy, mod, args, results: dict) -> None:
+    """Against a ``--profile tiny-pretrained`` backend (the pretrained profile's Shap-E routes with tiny random
+    models, issue 13): the status panel names each workflow's route; text to shape (Shap-E prior, then Dream3D),
+    image to shape (Shap-E img2img) and a gallery of two run from the operators."""
+    d = Driver(bpy, mod)
+    s = d.s
+    options = json.loads(args.options or "{}")
+
+    def opts(workflow: str) -> str:
+        return json.dumps(options.get(workflow, {}))
+
+    def run_job(what: str, timeout: float = 600) -> dict:
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), timeout, what)
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"state": job.state, "error": job.error, "workflow": job.workflow, "images": list(job.images),
+                "meshes_received": job.meshes_received, "objects": [mesh_summary(bpy, o) for o in objs]}
+
+    @step(results, "connect")
+    def _():
+        d.connect(args.connection_file)
+        caps = s.capabilities()
+        return {"profile": s.welcome.get("profile"), "capabilities": {k: v.get("available") for k, v in caps.items()},
+                "routes": {k: s.workflow_route(k) for k in caps}}
+
+    @step(results, "status_panel")
+    def _():
+        """The status panel's draw function on the real session (background mode: into a recorder of labels)."""
+        from bl_ext.user_default.stepstone import panels as apanels  # type: ignore[import-not-found]
+
+        class Recorder:
+            def __init__(self, sink):
+                self.sink, self.enabled = sink, True
+
+            def _child(self, *a, **k):
+                return Recorder(self.sink)
+
+            row = column = box = split = _child
+
+            def label(self, text="", icon="NONE", **k):
+                self.sink.append(text)
+
+            def operator(self, *a, **k):
+                return type("Op", (), {})()
+
+            def prop(self, *a, **k):
+                pass
+
+        class Ctx:
+            scene = bpy.context.scene
+            region = type("R", (), {"width": 400})()
+            preferences = bpy.context.preferences
+
+        sink: list = []
+        apanels.STEPSTONE_PT_status.draw(type("P", (), {"layout": Recorder(sink)})(), Ctx())
+        return {"text": " ".join(sink)}
+
+    @step(results, "generate")
+    def _():
+        st = bpy.context.scene.stepstone
+        st.prompt, st.variants, st.quality, st.spacing = "a chair", 1, "fast", 2.0
+        assert bpy.ops.stepstone.generate(options=opts("text-to-shape")) == {"FINISHED"}
+        return run_job("text-to-shape job")
+
+    @step(results, "image_to_shape")
+    def _():
+        import numpy as np
+
+        img = bpy.data.images.new("Red block", 48, 48)
+        px = np.ones((48, 48, 4), np.float32)
+        px[12:36, 12:36, :3] = (0.8, 0.1, 0.1)
+        img.pixels.foreach_set(px.ravel())
+        st = bpy.context.scene.stepstone
+        st.image_source, st.image = "IMAGE", img
+        assert bpy.ops.stepstone.image_to_shape(options=opts("image-to-shape")) == {"FINISHED"}
+        return run_job("image-to-shape job")
+
+    @step(results, "gallery")
+    def _():
+        bpy.ops.mesh.primitive_cube_add(size=0.6, location=(-3.0, 0.0, 0.3))
+        cube = bpy.context.active_object
+        for o in bpy.context.selected_objects:
+            o.select_set(False)
+        cube.select_set(True)
+        bpy.context.view_layer.objects.active = cube
+        st = bpy.context.scene.stepstone
+        st.count, st.subjects, st.spacing = 2, "a barn", 1.5
+        assert bpy.ops.stepstone.gallery(options=opts("gallery")) == {"FINISHED"}
+        return run_job("gallery job")
+
+
+GROUPS = {"main": group_main, "restart": group_restart, "starter": group_starter, "pretrained": group_pretrained}
 
 
 def main() -> int:
