@@ -174,7 +174,11 @@ def test_pretrained_offline_is_honest(capsys):
         err = capsys.readouterr().err
         assert "HF_HUB_OFFLINE=1" in err and "open_clip" in err and "python -m backend models download clip" in err
     caps = prof.capabilities()
-    assert "no public weights" in caps["text-to-shape"]["reason"]
+    # issue 13: text to shape takes the Shap-E route (a public download), not the ISS models without public weights
+    assert "no public weights" not in caps["text-to-shape"]["reason"]
+    if not comps["shap-e"].present:
+        assert "python -m backend models download shap-e" in caps["text-to-shape"]["reason"]
+        assert "python -m backend models download shap-e-img2img" in caps["image-to-shape"]["reason"]
     assert models_cli.main(["download", "diffusion"]) == 2
     err = capsys.readouterr().err
     assert "stepstone-test/no-such-diffusion-model" in err and "models download diffusion" in err
