@@ -105,7 +105,8 @@ def full_size_models(device: str):
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend bench text-to-shape", description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="tiny", help="profile for part 1 (tiny or starter)")
+    ap.add_argument("--profile", default="tiny",
+                    help="profile for part 1 (tiny or starter); pretrained / tiny-pretrained: the Shap-E route")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--iterations", type=int, default=3, help="timed stage-2 iterations (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -113,8 +114,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cpu-resolution", type=int, default=45, help="render size of the full-size run without CUDA")
     ap.add_argument("--skip-full", action="store_true", help="skip the full-size models")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end jobs")
+    ap.add_argument("--quality", default="fast", choices=("fast", "refined"), help="pretrained route only")
+    ap.add_argument("--cpu-prior-steps", type=int, default=2, help="pretrained route without CUDA: Shap-E steps")
+    ap.add_argument("--cpu-prior-resolution", type=int, default=32, help="pretrained route without CUDA: decoding grid")
+    ap.add_argument("--cpu-dream3d-iterations", type=int, default=3, help="pretrained route without CUDA")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
+    if args.profile in ("pretrained", "tiny-pretrained"):  # issue 13: Shap-E prior + Dream3D
+        from backend.bench import shap_e_route
+
+        return shap_e_route.run(args)
 
     from backend.models.device import resolve_device
     from backend.models.registry import load_profile
