@@ -36,6 +36,7 @@ DREAM3D_ITERATIONS = 300
 SDS_WEIGHT = 1e-3
 PRIOR_RESOLUTION = {"cuda": 128, "cpu": 64}
 ROUTE = "shap-e+dream3d"
+CPU_DEFAULTS = {"views": 2, "render_resolution": 64, "n_samples": 32}  # ours: Dream3D renders on a CPU
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,6 +66,8 @@ def run(params: dict, ctx: JobContext, seed: int) -> Iterator[Event]:
         f_text = clip.encode_text([prompt]).to(device)
 
     view = t2s.stage2_config(params, device).view
+    if device == "cpu":  # lighter renders on a CPU unless the job says otherwise (as text_to_shape.CPU_VIEW_DEFAULTS)
+        params = dict(params, **{k: v for k, v in CPU_DEFAULTS.items() if params.get(k) is None})
     dc = t2s.dream3d_config(params, view)
     if params.get("dream3d_iterations") is None:
         dc = replace(dc, iterations=DREAM3D_ITERATIONS)
