@@ -44,7 +44,7 @@ STYLIZE = {
 # text-to-shape: job options of backend.pipelines.text_to_shape (stage 2 renders with checkpointed chunks).
 TEXT_TO_SHAPE = {
     "draft": {"iterations": 10, "views": 2, "render_resolution": 48, "n_samples": 24, "field_grid": 32,
-              "resolution": 96, "preview_resolution": 24},
+              "resolution": 96, "preview_resolution": 24, "texture_iterations": 8},
     # the CPU view settings of text_to_shape.CPU_VIEW_DEFAULTS, 20 iterations (ISS++ Sec. 4.2)
     "standard": {"iterations": 20, "views": 4, "render_resolution": 64, "n_samples": 32, "field_grid": 32,
                  "resolution": 128},

@@ -66,7 +66,8 @@ def test_text_to_shape_on_starter_weights_gives_a_coloured_mesh(profile):
     ("a blue automobile", "car", "blue"),  # nor is "automobile"
 ])
 def test_the_default_job_on_shipped_weights_makes_the_named_shape(profile, prompt, category, colour):
-    """Issue 12's regression test: the default text-to-shape job (stage 1 + stage 2 at the CPU settings, seed 0)
+    """Issue 12's regression test: the default text-to-shape job (stage 1, stage 2 at the CPU settings and the
+    colour pass, seed 0)
     makes a shape the independent classifier calls by the prompt's category and colour."""
     from backend.bench.quality import DefaultJob, judge_latent
     from backend.training.classifier import ShapeClassifier
@@ -74,7 +75,7 @@ def test_the_default_job_on_shipped_weights_makes_the_named_shape(profile, promp
     classifier = ShapeClassifier.load(registry.starter_dir() / "classifier")
     job = DefaultJob(profile, "cpu", {})
     res = job.run(prompt, seed=0)
-    verdict = judge_latent(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], "cpu")
+    verdict = judge_latent(res["decoders"][0], res["final"][0], classifier, job.clip, res["f_t"], "cpu")
     assert not verdict["empty"]
     assert (verdict["cat"], verdict["col"]) == (category, colour)
 

@@ -283,3 +283,43 @@ def test_stage2_guard_undoes_an_update_that_would_delete_the_shape(profile):
     assert "stage 2 stopped" in aligner.stopped
     assert min(volumes) >= cfg.min_volume * aligner.volume0 - 1e-9, volumes
     assert aligner.volume() >= cfg.min_volume * aligner.volume0
+
+
+# --------------------------------------------------------------------------------------------- colour pass
+
+
+def test_colour_pass_changes_colour_only(profile):
+    """ISS++ texture stylization (Sec. 3.4.1) as the colour pass: D_c learns, the occupancy stays bit for bit, and
+    the loaded decoder is untouched."""
+    from backend.pipelines.iss_stages import occupancy_logit_grid
+    from backend.pipelines.iss_texture import TextureAligner, TextureConfig
+
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    f = clip.encode_text(["a red swivel chair"])
+    z = stage1_latent(mapper, f)
+    before = {k: v.clone() for k, v in svr.decoder.state_dict().items()}
+    cfg = TextureConfig(iterations=6, views=2, resolution=16, n_samples=8, lr=0.05, occupancy_grid=16)
+    tex = TextureAligner(svr.decoder, z, clip, f[0], cfg, torch.Generator().manual_seed(0))
+    losses = [tex.step()["texture_clip"] for _ in range(cfg.iterations)]
+    assert all(np.isfinite(losses))
+    assert np.array_equal(occupancy_logit_grid(tex.decoder, z, 16), occupancy_logit_grid(svr.decoder, z, 16))
+    pts = torch.rand(1, 512, 3) - 0.5
+    with torch.no_grad():
+        assert not torch.allclose(tex.decoder(pts, z)[1], svr.decoder(pts, z)[1])
+    assert all(torch.equal(v, before[k]) for k, v in svr.decoder.state_dict().items())
+
+
+def test_colour_pass_in_the_job_and_switched_off(profile):
+    events = _run(profile, prompt="a red chair", iterations=2, texture_iterations=3, preview_every=2)
+    colour = [e for e in events if isinstance(e, Progress) and e.stage == "colour"]
+    assert [e.step for e in colour] == [1, 2, 3] and all(e.total == 3 for e in colour)
+    final = [e for e in events if isinstance(e, MeshUpdate) and e.final][0]
+    assert np.isfinite(final.info["texture_clip"])
+    assert any(isinstance(e, MeshUpdate) and e.info.get("stage") == "colour" for e in events)
+    off = _run(profile, prompt="a red chair", iterations=2, texture_iterations=0)
+    assert not [e for e in off if isinstance(e, Progress) and e.stage == "colour"]
+    a = final
+    b = [e for e in off if isinstance(e, MeshUpdate) and e.final][0]
+    assert np.array_equal(a.faces, b.faces) and np.array_equal(a.vertices, b.vertices), "the pass moved the shape"
+    with pytest.raises(InputError, match="texture_iterations"):
+        t2s.validate({"prompt": "x", "texture_iterations": -1}, [])

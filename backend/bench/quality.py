@@ -202,7 +202,8 @@ class DefaultJob:
 
     def run(self, prompt: str, seed: int, variants: int = 1) -> dict:
         from backend.pipelines.iss_stages import Stage2Aligner, stage1_latent
-        from backend.pipelines.text_to_shape import consistency_targets, stage2_config, validate
+        from backend.pipelines.iss_texture import texture_pass
+        from backend.pipelines.text_to_shape import consistency_targets, stage2_config, texture_config, validate
 
         params = validate({"prompt": prompt, **self.overrides, "variants": variants}, [])
         cfg = stage2_config(params, self.device)
@@ -210,14 +211,18 @@ class DefaultJob:
             f_t = self.clip.encode_text([params["prompt"]]).to(self.device)
         targets, view_seeds, _ = consistency_targets(self.profile, f_t, variants, params["tau"], seed)
         z1 = stage1_latent(self.mapper, f_t)
-        out = {"f_t": f_t, "stage1": z1, "final": [], "stopped": []}
+        tc = texture_config(params, cfg)
+        out = {"f_t": f_t, "stage1": z1, "stage2": [], "final": [], "decoders": [], "stopped": []}
         for k in range(variants):
             gen = torch.Generator().manual_seed(view_seeds[k])
             al = Stage2Aligner(self.mapper, self.decoder, self.clip, f_t, targets[k], cfg, gen, self.device)
             for _ in range(cfg.iterations):
                 al.step()
             with torch.no_grad():
-                out["final"].append(al.latent().detach())
+                z = al.latent().detach()
+            out["stage2"].append(z)
+            out["final"].append(z)
+            out["decoders"].append(texture_pass(self.decoder, z, self.clip, targets[k], tc, gen, self.device))
             out["stopped"].append(bool(al.stopped))
         return out
 
@@ -240,7 +245,8 @@ def _text_to_shape(profile, classifier, shapes, s: QualitySettings, device: str)
 
     job = DefaultJob(profile, device, s.job)
     clip, svr, decoder = job.clip, job.svr, job.decoder
-    names = ("stage-1 (mapper only)", "+ stage-2 alignment (default job)", "+ diffusion-prior diversity")
+    names = ("stage-1 (mapper only)", "+ stage-2 alignment", "+ colour pass (default job)",
+             "+ diffusion-prior diversity")
     rows = {n: {"iou": [], "fscore": [], "cat": [], "col": [], "clip": []} for n in names}
     d1, d2, div = [], [], []
     empty = runs = 0
@@ -253,40 +259,44 @@ def _text_to_shape(profile, classifier, shapes, s: QualitySettings, device: str)
             gt_img = torch.from_numpy(render_shape(shape, EVAL_CAMS[:1], 64)["rgb"]).permute(0, 3, 1, 2).to(device)
             f_s = svr.encode(gt_img)
         res = job.run(prompt, s.seed + k, 1)
-        latents = {names[0]: [res["stage1"]], names[1]: res["final"]}
+        latents = {names[0]: [(decoder, res["stage1"])], names[1]: [(decoder, z) for z in res["stage2"]],
+                   names[2]: list(zip(res["decoders"], res["final"]))}
         if s.variants > 1:
-            latents[names[2]] = job.run(prompt, s.seed + k, s.variants)["final"]
+            more = job.run(prompt, s.seed + k, s.variants)
+            latents[names[3]] = list(zip(more["decoders"], more["final"]))
         rel = lambda a: float((a - f_s).norm() / f_s.norm().clamp_min(1e-8))  # noqa: E731
         d1.append(rel(res["stage1"]))
         d2.append(rel(res["final"][0]))
         f_t = res["f_t"]
         for name, zs in latents.items():
             occs = []
-            for z in zs:
-                j = judge_latent(decoder, z, classifier, clip, f_t, device)
+            for dec, z in zs:
+                j = judge_latent(dec, z, classifier, clip, f_t, device)
                 occs.append(j["occ"])
-                if name != names[0]:
+                if name in (names[2], names[3]):
                     runs += 1
                     empty += j["empty"]
                 rows[name]["iou"].append(volumetric_iou(j["occ"], gt_vox))
-                pts = decoder_surface(decoder, z, seed=k)
+                pts = decoder_surface(dec, z, seed=k)
                 rows[name]["fscore"].append(0.0 if pts is None else f_score(pts, gt_pts, FS_THRESHOLD))
                 rows[name]["cat"].append(float(j["cat"] == shape.category))
                 rows[name]["col"].append(float(j["col"] == shape.colour))
                 rows[name]["clip"].append(j["clip"])
-            if name == names[2] and len(occs) > 1:
+            if name == names[3] and len(occs) > 1:
                 pair = [1 - volumetric_iou(a, b) for i, a in enumerate(occs) for b in occs[i + 1:]]
                 div.append(float(np.mean(pair)))
         print(f"  {k + 1}/{len(shapes)} {prompt!r}: stage-1 IoU {rows[names[0]]['iou'][-1]:.3f} "
-              f"cat {rows[names[0]]['cat'][-1]:.0f}; final IoU {rows[names[1]]['iou'][-1]:.3f} "
-              f"cat {rows[names[1]]['cat'][-1]:.0f} col {rows[names[1]]['col'][-1]:.0f} "
+              f"cat {rows[names[0]]['cat'][-1]:.0f} col {rows[names[0]]['col'][-1]:.0f}; stage-2 IoU "
+              f"{rows[names[1]]['iou'][-1]:.3f} cat {rows[names[1]]['cat'][-1]:.0f} col {rows[names[1]]['col'][-1]:.0f}; "
+              f"final cat {rows[names[2]]['cat'][-1]:.0f} col {rows[names[2]]['col'][-1]:.0f} "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
     rows[names[0]]["extra"] = f"d(M(f_T), f_S) = {_mean_std(d1)}"
-    rows[names[1]]["extra"] = f"d(M'(f_T), f_S) = {_mean_std(d2)}; empty shapes {empty} of {runs} runs"
+    rows[names[1]]["extra"] = f"d(M'(f_T), f_S) = {_mean_std(d2)}"
+    rows[names[2]]["extra"] = f"shape of stage 2, colour network tuned; empty shapes {empty} of {runs} runs"
     if s.variants > 1:
-        rows[names[2]]["extra"] = f"{s.variants} variants/prompt, pairwise 1-IoU = {_mean_std(div) if div else 'n/a'}"
+        rows[names[3]]["extra"] = f"{s.variants} variants/prompt, pairwise 1-IoU = {_mean_std(div) if div else 'n/a'}"
     else:
-        rows.pop(names[2])
+        rows.pop(names[3])
     return rows
 
 
@@ -300,7 +310,7 @@ def _freeform(profile, classifier, s: QualitySettings, device: str) -> dict:
     pick = np.unique(np.linspace(0, len(FREEFORM_PROMPTS) - 1, s.freeform).round().astype(int))
     for k, (prompt, category, colour) in enumerate(FREEFORM_PROMPTS[i] for i in pick):
         res = job.run(prompt, s.seed + k, 1)
-        j = judge_latent(job.decoder, res["final"][0], classifier, job.clip, res["f_t"], device)
+        j = judge_latent(res["decoders"][0], res["final"][0], classifier, job.clip, res["f_t"], device)
         empty += j["empty"]
         row["cat"].append(float(j["cat"] == category))
         row["clip"].append(j["clip"])

@@ -98,7 +98,8 @@ def refined_vs_fast(profile, classifier, shapes, device: str, seed: int = 0, ref
     from backend.bench.quality import DefaultJob, judge_latent
     from backend.geometry.metrics import volumetric_iou
     from backend.pipelines.iss_stages import SDSRefiner
-    from backend.pipelines.text_to_shape import sds_config, stage2_config, validate
+    from backend.pipelines.iss_texture import texture_pass
+    from backend.pipelines.text_to_shape import sds_config, stage2_config, texture_config, validate
     from backend.training.captions import caption
     from backend.training.dataset import voxelize
 
@@ -124,7 +125,10 @@ def refined_vs_fast(profile, classifier, shapes, device: str, seed: int = 0, ref
             refiner.step()
         t_ref.append(time.perf_counter() - t0)
         refiner.decoder.eval()
-        for name, dec in zip(names, (job.decoder, refiner.decoder)):
+        # the pipeline's order: SDS, then the colour pass (backend.pipelines.iss_texture) on the refined decoder
+        refined = texture_pass(refiner.decoder, z, job.clip, f_t, texture_config(params, stage2_config(params, device)),
+                               torch.Generator().manual_seed(seed + k), device)
+        for name, dec in zip(names, (res["decoders"][0], refined)):
             j = judge_latent(dec, z, classifier, job.clip, f_t, device)
             rows[name]["iou"].append(volumetric_iou(j["occ"], gt))
             rows[name]["cat"].append(float(j["cat"] == shape.category))

@@ -106,6 +106,13 @@ class ImplicitDecoder(nn.Module):
             rgb_logits = cb.fc_out(self._trunk(points, z, cb.fc_p, cb.fc_z, cb.blocks))
         return logits, torch.sigmoid(rgb_logits)
 
+    def colour(self, points: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        """Colour ``D_c(p)`` (B, P, 3) alone: after :meth:`split_heads` only the colour network runs."""
+        if self.color_branch is None:
+            return self.forward(points, z)[1]
+        cb = self.color_branch
+        return torch.sigmoid(cb.fc_out(self._trunk(points, z, cb.fc_p, cb.fc_z, cb.blocks)))
+
     def split_heads(self) -> nn.Module:
         """Duplicate the trunk into an occupancy network D_o and a colour network D_c (ISS++ Sec. 3.3).
 

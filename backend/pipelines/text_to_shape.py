@@ -3,7 +3,9 @@
 Paper 000 (ISS++): the CLIP text feature f_T goes through the stage-1 mapper M to an SVR shape latent; stage 2
 fine-tunes a copy M' per prompt with the CLIP consistency loss (Eq. 4) and the background loss (Eq. 3) on m random
 views (Sec. 3.3.2); N variants blend diffusion-prior samples into the target (Eq. 5, tau); quality "refined"
-fine-tunes the decoder with score distillation (Sec. 3.4.2, Eq. 7). Paper 001 (Dream3D): ``method="dream3d"``
+fine-tunes the decoder with score distillation (Sec. 3.4.2, Eq. 7); a colour pass then fine-tunes the decoder's colour
+network D_c alone with the prompt (ISS++ texture stylization, Sec. 3.4.1; :mod:`backend.pipelines.iss_texture`,
+``texture_iterations``, 0 = off). Paper 001 (Dream3D): ``method="dream3d"``
 takes the stage-2 shape (or, with ``shape_prior="image"``, a text -> rendering-style image -> shape prior) as the
 3D shape prior, initialises a density grid by Eq. 9 and optimises it with CLIP (Eq. 1), random backgrounds, the
 transmittance loss and the shape-prior-preserving loss (Eq. 4). The stages live in
@@ -12,7 +14,7 @@ transmittance loss and the shape-prior-preserving loss (Eq. 4). The stages live 
 Shap-E's shape is the Dream3D prior; :func:`resolve_route` picks the route when ``method`` / ``shape_prior`` are
 not given.
 
-Events: ``Progress`` every iteration (stages "align", "refine", "dream3d"), an intermediate ``MeshUpdate`` every
+Events: ``Progress`` every iteration (stages "align", "refine", "colour", "dream3d"), an intermediate ``MeshUpdate`` every
 ``preview_every`` iterations (marching cubes at ``preview_resolution``), one final ``MeshUpdate`` per variant
 (name ``variant_<k>``) at ``resolution`` with vertex colours; ``ctx.cancel.check()`` at every iteration.
 
@@ -58,6 +60,7 @@ from backend.pipelines.iss_stages import (
     sample_diversity_features,
     stage1_latent,
 )
+from backend.pipelines.iss_texture import TextureAligner, TextureConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "iterations": None,  # stage-2 iterations (None: 20, Sec. 4.2)
     "refine_iterations": None,  # SDS iterations (None: SDSConfig default)
     "dream3d_iterations": None,  # Dream3D iterations (None: Dream3DConfig default)
+    "texture_iterations": None,  # colour pass, ISS++ texture stylization with the prompt (None: TextureConfig's)
     "resolution": 128,  # marching cubes of the final mesh
     "preview_resolution": 32,  # marching cubes of intermediate meshes
     "preview_every": 5,  # iterations between intermediate meshes
@@ -98,6 +102,7 @@ _INT_RANGES = {
     "iterations": (0, 1000),
     "refine_iterations": (0, 10000),
     "dream3d_iterations": (0, 20000),
+    "texture_iterations": (0, 1000),
     "resolution": (16, 512),
     "preview_resolution": (8, 256),
     "preview_every": (1, 100000),
@@ -146,6 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
     parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
+    parser.add_argument("--texture-iterations", type=int, default=None,
+                        help="colour pass (ISS++ texture stylization with the prompt; 0 = off, default 15)")
     parser.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution of the result")
     parser.add_argument("--preview-every", type=int, default=5, help="iterations between intermediate meshes")
     parser.add_argument("--views", type=int, default=None, help="views per stage-2 iteration (m, default 10)")
@@ -168,6 +175,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "iterations": args.iterations,
         "refine_iterations": args.refine_iterations,
         "dream3d_iterations": args.dream3d_iterations,
+        "texture_iterations": getattr(args, "texture_iterations", None),
         "resolution": args.resolution,
         "preview_every": args.preview_every,
         "views": args.views,
@@ -314,6 +322,17 @@ def stage2_config(params: dict, device: str = "cuda") -> Stage2Config:
         cfg = replace(cfg, views=params["views"])
     if params.get("lr"):
         cfg = replace(cfg, lr=params["lr"])
+    return cfg
+
+
+def texture_config(params: dict, s2: Optional[Stage2Config] = None) -> TextureConfig:
+    """TextureConfig of the colour pass with the job's overrides; views, render size and samples per ray follow
+    stage 2's (``s2``, e.g. the CPU view settings)."""
+    cfg = TextureConfig()
+    if s2 is not None:
+        cfg = replace(cfg, views=s2.views, resolution=s2.view.resolution, n_samples=s2.view.n_samples)
+    if params.get("texture_iterations") is not None:
+        cfg = replace(cfg, iterations=params["texture_iterations"])
     return cfg
 
 
@@ -535,6 +554,24 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
                     if ev is not None:
                         yield ev
             decoder = refiner.decoder
+
+        # ---- colour pass: ISS++ texture stylization (Sec. 3.4.1) with the prompt (backend.pipelines.iss_texture)
+        tc = texture_config(params, s2)
+        if params["method"] != "dream3d" and tc.iterations > 0:
+            ctx.cancel.check()
+            tex = TextureAligner(decoder, z, clip, targets[k], tc, gen, device)
+            stage = f"colour {k + 1}/{n}" if n > 1 else "colour"
+            for i in range(tc.iterations):
+                ctx.cancel.check()
+                t = tex.step()
+                yield Progress(stage, i + 1, tc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
+                if (i + 1) % every == 0 and i + 1 < tc.iterations:
+                    ev = _mesh_event(decoder_mesh(tex.decoder, z, params["preview_resolution"], device,
+                                                  allow_empty=True), name, False, dict(info, stage="colour"))
+                    if ev is not None:
+                        yield ev
+            decoder = tex.decoder
+            info["texture_clip"] = t["texture_clip"]
 
         if params["method"] != "dream3d":
             ctx.cancel.check()
