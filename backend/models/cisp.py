@@ -11,6 +11,8 @@
 
 Simplifications (so the starter model trains on a CPU): small ViTs instead of DeiT-B, a 32^3 (default) / 8^3
 (tiny) voxel grid, a compact 3D U-Net with cross-attention at the bottleneck only, DDIM sampling with few steps.
+The paper does not say what its DDPM predicts; the starter denoiser predicts x0 (``prediction_type="sample"``),
+because the eps-predicting one never learnt to use its condition (see :meth:`CISP.diffusion_loss`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,11 @@ class CISPTrainConfig:
     unet_channels: tuple = (8, 16, 32)
     cond_tokens: int = 4
     sample_steps: int = 25
-    guidance_scale: float = 3.0
+    # CFG weight w saved as the models' default. 1.0 = the conditional model alone (the null condition is still
+    # trained, cond_drop_prob 0.1, so --guidance w > 1 works). Chosen on 16 TRAINING shapes, not the held-out
+    # set: IoU 0.48 at w = 1, 0.30 at 1.5, 0.12 at 2 and 3 (CPU retrain of 2000 x 32 steps); guidance with this
+    # little training of the null branch breaks the shapes into fragments.
+    guidance_scale: float = 1.0
     prediction_type: str = "sample"
     time_embed_dim: int = 64
     timestep_spacing: str = "trailing"
@@ -120,7 +124,7 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         missing = model.load_state_dict(enc, strict=False)
         if missing.unexpected_keys or any(not k.startswith(("denoiser.", "null_cond")) for k in missing.missing_keys):
             raise ValueError(f"the kept CISP encoders do not fit this config: {missing}")
-        cfg = __import__("dataclasses").replace(cfg, contrastive_steps=0)
+        cfg = replace(cfg, contrastive_steps=0)
     logger = StepLogger(result, max(1, cfg.contrastive_steps), every=50)
     enc_params = list(model.image_encoder.parameters()) + list(model.voxel_encoder.parameters()) + [model.logit_scale]
     opt = torch.optim.AdamW(enc_params, lr=cfg.lr, weight_decay=0.05)
