@@ -125,8 +125,12 @@ def main() -> int:
         else:
             steps[n] = max(args.probe_steps, int(0.85 * share / r))
         print(f"{n}: {r * 1000:.1f} ms/step -> {steps[n]} steps (batch {PLAN[n][2]})", flush=True)
+    if "cisp" in steps and "cisp_clipcond" in steps:  # paper 002's comparison: equal diffusion steps and batch
+        steps["cisp_clipcond"] = steps["cisp"]
+        print(f"cisp_clipcond: {steps['cisp']} steps, as many as cisp's voxel diffusion", flush=True)
     # 2. the real run
-    jobs = {n: cmd(n, s, models, args, minutes=1.25 * PLAN[n][3] * args.budget / 60) for n, s in steps.items()}
+    share = {n: PLAN["cisp"][3] if n == "cisp_clipcond" else PLAN[n][3] for n in steps}
+    jobs = {n: cmd(n, s, models, args, minutes=1.25 * share[n] * args.budget / 60) for n, s in steps.items()}
     t = time.time()
     res = run_parallel(jobs, logs, AFTER)
     print(f"training: {time.time() - t:.1f}s", flush=True)

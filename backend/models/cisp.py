@@ -11,6 +11,8 @@
 
 Simplifications (so the starter model trains on a CPU): small ViTs instead of DeiT-B, a 32^3 (default) / 8^3
 (tiny) voxel grid, a compact 3D U-Net with cross-attention at the bottleneck only, DDIM sampling with few steps.
+The paper does not say what its DDPM predicts; the starter denoiser predicts x0 (``prediction_type="sample"``),
+because the eps-predicting one never learnt to use its condition (see :meth:`CISP.diffusion_loss`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from backend.models.prior import timestep_embedding
 from backend.events import checkpoint as cancel_checkpoint
 
 KIND = "cisp"
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 @dataclass
@@ -49,6 +52,13 @@ class CISPConfig:
     cond_drop_prob: float = 0.1   # classifier-free guidance dropout
     guidance_scale: float = 3.0
     sample_steps: int = 50
+    # What the denoiser predicts (diffusers' names): "epsilon" (DDPM, Ho et al. Eq. 14), "sample" (x0) or
+    # "v_prediction" (Salimans & Ho 2022). The defaults are those of the first starter models (format 1 configs
+    # without these keys); the trainer's defaults are the fixed ones, see backend/training/cisp_trainer.py.
+    prediction_type: str = "epsilon"
+    time_embed_dim: int = 0       # sinusoidal timestep embedding width (0: unet_channels[0], the old 8)
+    timestep_spacing: str = "leading"  # DDIM timesteps: "trailing" starts at t = T-1, where x_T is pure noise
+    clip_sample: bool = False     # clip the sampler's x0 estimate to the data range [-1, 1] (Ho et al. 2020)
 
 
 def _vit_blocks(width: int, layers: int, heads: int) -> nn.TransformerEncoder:
@@ -98,11 +108,12 @@ class _ResBlock3D(nn.Module):
 class VoxelDenoiser(nn.Module):
     """Small 3D U-Net eps(x_t, t, tokens) with cross-attention to the condition tokens at the bottleneck."""
 
-    def __init__(self, channels: tuple, cond_dim: int, cond_tokens: int, heads: int = 4) -> None:
+    def __init__(self, channels: tuple, cond_dim: int, cond_tokens: int, heads: int = 4, time_dim: int = 0) -> None:
         super().__init__()
         c0 = channels[0]
-        self.temb_dim = temb = 4 * c0
-        self.time = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.time_dim = tdim = int(time_dim) or c0
+        self.temb_dim = temb = max(4 * c0, tdim)
+        self.time = nn.Sequential(nn.Linear(tdim, temb), nn.SiLU(), nn.Linear(temb, temb))
         self.cond_dim, self.cond_tokens = cond_dim, cond_tokens
         cmid = channels[-1]
         self.tokens = nn.Linear(cond_dim, cond_tokens * cmid)
@@ -128,7 +139,7 @@ class VoxelDenoiser(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv3d(cin, 1, 3, 1, 1))
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        temb = self.time(timestep_embedding(t, self.inp.out_channels).to(x.dtype)) + self.cond_t(cond)
+        temb = self.time(timestep_embedding(t, self.time_dim).to(x.dtype)) + self.cond_t(cond)
         h = self.inp(x)
         skips = []
         for block, pool in zip(self.down, self.pool):
@@ -161,12 +172,14 @@ class CISP(nn.Module):
         self.image_encoder = _ViT(2, 3, c.image_size, c.image_patch, c.width, c.layers, c.heads, c.embed_dim)
         self.voxel_encoder = _ViT(3, 1, c.voxel_res, c.voxel_patch, c.width, c.layers, c.heads, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
-        self.denoiser = VoxelDenoiser(tuple(c.unet_channels), c.embed_dim, c.cond_tokens, c.heads)
+        if c.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"CISP prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {c.prediction_type!r}")
+        self.denoiser = VoxelDenoiser(tuple(c.unet_channels), c.embed_dim, c.cond_tokens, c.heads, c.time_embed_dim)
         self.null_cond = nn.Parameter(torch.zeros(c.embed_dim))
-        sched = dict(num_train_timesteps=c.num_timesteps, beta_schedule="linear", prediction_type="epsilon",
-                     clip_sample=False)
-        self.scheduler = DDPMScheduler(**sched)
-        self.sampler = DDIMScheduler(**sched)
+        sched = dict(num_train_timesteps=c.num_timesteps, beta_schedule="linear", prediction_type=c.prediction_type)
+        self.scheduler = DDPMScheduler(**sched, clip_sample=False)
+        self.sampler = DDIMScheduler(**sched, clip_sample=bool(c.clip_sample), timestep_spacing=c.timestep_spacing)
 
     # ------------------------------------------------------------------ joint embedding
 
@@ -202,7 +215,15 @@ class CISP(nn.Module):
     # ------------------------------------------------------------------ conditioned voxel diffusion
 
     def diffusion_loss(self, voxels: Tensor, cond: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """DDPM eps-prediction loss on voxels in [-1, 1], conditioned on ``cond`` (dropped for CFG)."""
+        """DDPM loss on voxels in [-1, 1], conditioned on ``cond`` (dropped for CFG).
+
+        ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. Eq. 4); the target is ``eps`` (Eq. 14),
+        ``x0`` or ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` by ``config.prediction_type``. Why not eps for these
+        grids: at high t the eps target is ~x_t itself, so its loss barely depends on the condition and the model
+        never learns to use it; its x0 estimate ``(x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)`` multiplies the
+        eps error by up to 156 (t = 999), and DDIM samples of the first starter model filled ~25% of the grid
+        (ground truth ~3%). x0 and v targets keep the condition in the loss at every t.
+        """
         x0 = self._voxels(voxels) * 2.0 - 1.0
         b, dev = x0.shape[0], x0.device
         t = torch.randint(0, self.config.num_timesteps, (b,), generator=generator).to(dev)
@@ -210,7 +231,9 @@ class CISP(nn.Module):
         x_t = self.scheduler.add_noise(x0, noise, t)
         drop = torch.rand(b, generator=generator).to(dev) < self.config.cond_drop_prob
         c = torch.where(drop[:, None], self.null_cond.expand_as(cond), cond)
-        return F.mse_loss(self.denoiser(x_t, t, c), noise)
+        kind = self.config.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else self.scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(self.denoiser(x_t, t, c), target)
 
     @torch.no_grad()
     def sample(self, cond: Tensor, guidance_scale: Optional[float] = None, steps: Optional[int] = None,
@@ -229,12 +252,12 @@ class CISP(nn.Module):
         for t in self.sampler.timesteps:
             cancel_checkpoint()
             tt = t.expand(cond.shape[0]).to(dev)
-            if w != 1.0:
-                eps_c, eps_u = self.denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])).chunk(2)
-                eps = eps_u + w * (eps_c - eps_u)
+            if w != 1.0:  # CFG is linear in the model output, whichever of eps / x0 / v it predicts
+                out_c, out_u = self.denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])).chunk(2)
+                out = out_u + w * (out_c - out_u)
             else:
-                eps = self.denoiser(x, tt, cond)
-            x = self.sampler.step(eps, t, x).prev_sample
+                out = self.denoiser(x, tt, cond)
+            x = self.sampler.step(out, t, x).prev_sample
         return ((x[:, 0] + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ persistence

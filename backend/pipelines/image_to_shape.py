@@ -52,7 +52,7 @@ class ImageToShapeConfig:
     """Lifting options (paper 002 for CISP, paper 000 for SVR)."""
 
     method: str = "auto"  # auto | cisp | svr
-    guidance_scale: Optional[float] = None  # CISP classifier-free guidance w (None: the model's own, 3.0)
+    guidance_scale: Optional[float] = None  # CISP classifier-free guidance w (None: the model's own)
     steps: Optional[int] = None  # CISP DDIM steps (None: the model's own)
     mesh_resolution: int = 64  # SVR: decoder grid for marching cubes
     voxel_upsample: int = 4  # CISP: trilinear upsampling of the occupancy before marching cubes (smoother surface)

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normal", action="store_true", help="svr: without the normal loss")
     p.add_argument("--clip-only", action="store_true",
                    help="cisp: train only paper 002's CLIP-conditioned baseline (cisp_clipcond)")
+    p.add_argument("--keep-encoders", action="store_true",
+                   help="cisp: keep the image/voxel encoders of the CISP in the output folder (skip the contrastive "
+                        "phase) and retrain the voxel diffusion, and with a starter CLIP its CLIP-conditioned twin")
     return p
 
 
