@@ -177,3 +177,33 @@ def test_gallery_tiny_bf16(tiny):
     inputs = [MeshInput("House", box.vertices.astype(np.float32), box.faces.astype(np.uint32), cols, None)]
     p = wf.validate({"count": 2, "subjects": ["a well"], "preset": "smoke"}, inputs)
     _check_finite(_bf16(lambda: wf.run(p, inputs, JobContext(profile=tiny, device="cpu", seed=3))), "gallery")
+
+
+# ------------------------------------------------------------------------------------------- frozen decoder
+
+
+def test_frozen_decoder_path_matches_autograd():
+    """Stage 2's grid decode with the memory-saving backward: same values and the same gradient for z."""
+    from backend.fields.adapters import CachedDecoderField
+    from backend.fields.frozen_decoder import applies
+    from backend.render import orbit_cameras, render
+
+    dec = load_profile("starter").svr().decoder
+    torch.manual_seed(0)
+    z0 = torch.randn(1, dec.latent_dim) * 0.5
+    cams = orbit_cameras([0.0, 120.0], elevation=20.0, radius=1.6)
+    out = {}
+    for mode in ("autograd", "frozen"):
+        dec.requires_grad_(mode == "autograd")  # trainable weights: the decoder's own forward and autograd
+        z = z0.clone().requires_grad_(True)
+        assert applies(dec, z) == (mode == "frozen")
+        field = CachedDecoderField(dec, z, 16)
+        r = render(field, cams, 16, 16, n_samples=12, normals=None, stratified=False)
+        loss = (r["rgb"] * torch.linspace(0, 1, 3)).sum() + r["alpha"].square().sum()
+        (gz,) = torch.autograd.grad(loss, z)
+        out[mode] = (field.grid.detach(), float(loss), gz)
+    dec.requires_grad_(False)
+    torch.testing.assert_close(out["frozen"][0], out["autograd"][0], rtol=1e-5, atol=1e-6)
+    assert out["frozen"][1] == pytest.approx(out["autograd"][1], rel=1e-5)
+    torch.testing.assert_close(out["frozen"][2], out["autograd"][2], rtol=1e-4, atol=1e-6)
+    assert out["frozen"][2].abs().sum() > 0

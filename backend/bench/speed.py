@@ -14,8 +14,10 @@ CPU rows (starter profile, the README's main job):
   densely in 131 k-point chunks.
 - ``final-mesh``: the 128^3 marching-cubes mesh of the stage-1 shape, dense in 131 k chunks (baseline) vs
   coarse-to-fine (:mod:`backend.fields.sparse_grid`); the two meshes are compared vertex by vertex.
-- ``stage2``: one stage-2 iteration at the CPU settings (unchanged code; the guard that stops stage 2 is off so
-  every iteration does the full work).
+- ``stage2``: seconds per stage-2 iteration for each preset's settings, and a whole stage 2 (standard preset) on the
+  previous path (autograd through the frozen decoder for the 32^3 grid, one chunk) and the new one
+  (:mod:`backend.fields.frozen_decoder`, 8 k chunks), with the two resulting shapes compared. The guard that
+  stops stage 2 early is off here so every iteration does the full work.
 - ``ready`` and ``preview``: a real ``serve`` process over ZeroMQ: from the connection file (the backend prints
   ready) to the first preview mesh of a text-to-shape job submitted at once (models loading or preloaded), and the
   first preview of a second job on the warm backend (press Generate -> first preview; the add-on's poll loop adds
@@ -190,6 +192,62 @@ def _stage2_seconds(clip, mapper, decoder, cfg, device: str = "cpu", iterations:
     return (time.perf_counter() - t) / iterations
 
 
+class _PreviousStage2Path:
+    """The stage-2 grid decode as before issue 15: autograd through the decoder, one 65 k-point chunk."""
+
+    def __enter__(self):
+        import backend.fields.adapters as AD
+        import backend.fields.frozen_decoder as FD
+
+        self._saved = (FD.applies, AD.CachedDecoderField.__init__.__defaults__)
+        FD.applies = lambda decoder, z: False
+        d = list(self._saved[1])
+        d[-1] = 65536
+        AD.CachedDecoderField.__init__.__defaults__ = tuple(d)
+        return self
+
+    def __exit__(self, *exc):
+        import backend.fields.adapters as AD
+        import backend.fields.frozen_decoder as FD
+
+        FD.applies, AD.CachedDecoderField.__init__.__defaults__ = self._saved
+
+
+def row_stage2_compare(iterations: int = 20) -> None:
+    """A whole stage 2 (standard preset, guard off) on the previous and the new path: time, peak RSS growth, and
+    the resulting shapes compared (latent, occupancy IoU at 64^3)."""
+    import resource
+
+    import torch
+
+    from backend.pipelines import text_to_shape as t2s
+    from backend.pipelines.iss_stages import Stage2Aligner, occupancy_logit_grid
+
+    _, clip, mapper, svr = _starter()
+    with torch.no_grad():
+        f = clip.encode_text([PROMPT])
+    cfg = replace(t2s.stage2_config(t2s.validate({"prompt": PROMPT}, []), "cpu"), min_volume=0.0)
+    res = {}
+    for label in ("baseline", "new"):
+        import contextlib
+
+        with (_PreviousStage2Path() if label == "baseline" else contextlib.nullcontext()):
+            al = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
+            t = time.perf_counter()
+            for _ in range(iterations):
+                al.step()
+            el = time.perf_counter() - t
+        with torch.no_grad():
+            z = al.latent()
+        res[label] = (el, z, occupancy_logit_grid(svr.decoder, z, 64) > 0,
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    (tb, zb, gb, mb), (tn, zn, gn, mn) = res["baseline"], res["new"]
+    iou = float((gb & gn).sum() / max(1, (gb | gn).sum()))
+    print(f"  whole stage 2, {iterations} iterations (standard): baseline {tb:5.1f} s | new {tn:5.1f} s | "
+          f"{_ratio(tb, tn)} | same shape: latent rel. diff {float((zb - zn).norm() / zb.norm()):.1e}, "
+          f"occupancy IoU {iou:.4f} | process peak RSS so far {mb:.0f} MB (after baseline) / {mn:.0f} MB")
+
+
 def row_stage2(iterations: int) -> dict:
     from backend.pipelines import text_to_shape as t2s
     from backend.presets import TEXT_TO_SHAPE
@@ -209,7 +267,7 @@ def row_stage2(iterations: int) -> dict:
         note = f" (1 view measured, x{scale:.0f} views)" if scale != 1 else ""
         print(f"  stage-2 iteration, {preset:8s} ({cfg.views if scale == 1 else int(scale)} views at "
               f"{cfg.view.resolution}^2, {cfg.view.n_samples} samples, field grid {cfg.view.field_grid}): "
-              f"{sec * scale:6.2f} s{note}   (code path unchanged by issue 15)")
+              f"{sec * scale:6.2f} s{note}")
     return out
 
 
@@ -370,6 +428,8 @@ def main(argv: list[str]) -> int:
     if "stage2" in rows or "presets" in rows:
         print("[CPU] stage-2 iterations, starter models, per preset:")
         stage2 = row_stage2(args.iterations)
+    if "stage2" in rows:
+        row_stage2_compare()
     if "presets" in rows:
         print("[CPU] expected time per preset:")
         if fixed is not None and stage2 is not None:
