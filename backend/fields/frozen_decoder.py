@@ -46,13 +46,13 @@ class _FrozenTrunk(torch.autograd.Function):
             net = decoder.fc_p(positional_encoding(points, decoder.pe_freqs))  # (B, N, H); no z yet
             for i, block in enumerate(decoder.blocks):
                 net.add_(decoder.fc_z[i](z)[:, None, :])
-                m0 = net > 0
+                m0 = net <= 0  # where the ReLU's gradient is 0 (kept as bools; masked_fill_ needs no float copy)
                 h = block.fc_0(net.clamp_min(0))
-                m1 = h > 0
+                m1 = h <= 0
                 net.add_(block.fc_1(h.clamp_min_(0)))
                 masks += [m0, m1]
                 del h
-            mf = net > 0
+            mf = net <= 0
             net.clamp_min_(0)
         ctx.save_for_backward(*masks, mf)
         ctx.decoder = decoder
@@ -62,14 +62,14 @@ class _FrozenTrunk(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         *masks, mf = ctx.saved_tensors
         dec = ctx.decoder
-        g = grad * mf
+        g = grad.masked_fill(mf, 0.0)
         gz = None
         for i in reversed(range(len(dec.blocks))):
             block = dec.blocks[i]
             inner = torch.matmul(g, block.fc_1.weight)  # W1^T dL/dy (rows are points)
-            inner.mul_(masks[2 * i + 1])
+            inner.masked_fill_(masks[2 * i + 1], 0.0)
             inner = torch.matmul(inner, block.fc_0.weight)
-            inner.mul_(masks[2 * i])
+            inner.masked_fill_(masks[2 * i], 0.0)
             g = g + inner  # dL/dx_i
             gi = torch.matmul(g.sum(dim=1), dec.fc_z[i].weight)  # (B, L)
             gz = gi if gz is None else gz + gi
