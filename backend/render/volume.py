@@ -20,8 +20,9 @@ Fields that offer ``sigma(points)`` and ``rgb(points)`` separately (the grids) g
 (often an MLP) is evaluated only where ``T_i alpha_i > color_thres`` (1e-4), and normals differentiate the density
 alone. Other fields are evaluated with ``query``.
 
-Memory is bounded by processing ``chunk`` rays at a time (on a CPU at most :data:`CPU_CHUNK_SAMPLES` samples); with ``checkpoint=True`` each chunk is recomputed in the
-backward pass (torch.utils.checkpoint), so training memory is bounded too.
+Memory is bounded by processing ``chunk`` rays at a time (on a CPU at most :data:`CPU_CHUNK_SAMPLES` samples);
+with ``checkpoint=True`` each chunk is recomputed in the backward pass (torch.utils.checkpoint), so training memory
+is bounded too.
 """
 
 from __future__ import annotations
