@@ -10,7 +10,8 @@ CPU rows (starter profile, the README's main job):
   command to GLB: wall seconds, user+sys CPU seconds (less disturbed by other processes than wall time), peak RSS
   and minor page faults. Baseline: the same command on the previous path, i.e. without bytecode (``-X
   pycache_prefix`` pointing at an empty folder: what every run paid where ``.pyc`` files are not written, and the
-  first run of a fresh clone), importing every workflow to build the CLI parser, stage 2's grid decoded with
+  first run of a fresh clone), OpenMP threads spinning at barriers (libgomp's default wait policy; now PASSIVE,
+  set in ``backend/__init__.py``), importing every workflow to build the CLI parser, stage 2's grid decoded with
   plain autograd in one chunk and rendered in 8 k-ray chunks, and the final mesh decoded densely in 131 k-point
   chunks.
 - ``final-mesh``: the 128^3 marching-cubes mesh of the stage-1 shape, dense in 131 k chunks (baseline) vs
@@ -105,7 +106,9 @@ def row_main_job(threads: int | None, work: Path) -> dict:
                 "import sys; from backend.bench.speed import _baseline_main; sys.exit(_baseline_main(sys.argv[1:]))",
                 *args, "--out", str(work / "chair_baseline.glb")]
     new_cmd = [sys.executable, "-m", "backend", *args, "--out", str(work / "chair.glb")]
-    base = _run_measured(base_cmd, env)
+    # libgomp's default wait policy (spin, then sleep): an empty value is not a policy, and backend/__init__.py
+    # only fills in PASSIVE where the variable is absent
+    base = _run_measured(base_cmd, dict(env, OMP_WAIT_POLICY=""))
     new = _run_measured(new_cmd, env)
     for label, r in (("baseline", base), ("new", new)):
         print(f"  {label:8s} command to GLB {r['wall']:6.1f} s wall, {r['cpu']:6.1f} s user+sys, peak RSS "
@@ -304,6 +307,8 @@ def row_ready(work: Path, threads: int | None) -> None:
     results = {}
     for label, extra in (("baseline", ["--no-preload"]), ("new", [])):
         env_threads = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        if label == "baseline":
+            env_threads["OMP_WAIT_POLICY"] = ""  # libgomp's default, as before issue 15
         old = {k: os.environ.get(k) for k in env_threads}
         os.environ.update(env_threads)
         try:
