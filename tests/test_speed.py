@@ -201,7 +201,7 @@ def test_frozen_decoder_path_matches_autograd():
         r = render(field, cams, 16, 16, n_samples=12, normals=None, stratified=False)
         loss = (r["rgb"] * torch.linspace(0, 1, 3)).sum() + r["alpha"].square().sum()
         (gz,) = torch.autograd.grad(loss, z)
-        out[mode] = (field.grid.detach(), float(loss), gz)
+        out[mode] = (field.grid.detach(), float(loss.detach()), gz)
     dec.requires_grad_(False)
     torch.testing.assert_close(out["frozen"][0], out["autograd"][0], rtol=1e-5, atol=1e-6)
     assert out["frozen"][1] == pytest.approx(out["autograd"][1], rel=1e-5)
