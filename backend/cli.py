@@ -108,7 +108,9 @@ def _delegate(module: str, argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; ``only``: import just this workflow's module for its options (the others are
+    listed without options, so ``run <workflow>`` does not import every workflow's dependencies)."""
     from backend.pipelines import WORKFLOWS, get_workflow
 
     p = argparse.ArgumentParser(prog="python -m backend", description="Stepstone backend")
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in WORKFLOWS:
         wp = wsub.add_parser(name)
         _add_common(wp)
+        if only is not None and name != only:
+            continue
         try:
             get_workflow(name).add_arguments(wp)
         except ImportError as exc:  # a workflow whose module is missing is listed but unusable
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in DELEGATES:
             return _delegate(DELEGATES[argv[0]], argv[1:])
-        args = build_parser().parse_args(argv)
+        only = argv[1] if len(argv) > 1 and argv[0] == "run" and not argv[1].startswith("-") else None
+        args = build_parser(only).parse_args(argv)
         return cmd_run(args)
     except StepstoneError as exc:
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)

@@ -67,6 +67,7 @@ class ServerConfig:
     max_bytes: int = P.MAX_MESSAGE_BYTES
     seed: int = 0
     warm_up: bool = True  # import every workflow module in the background at start
+    preload: bool = True  # with warm_up: also load the profile's text-to-shape models (CLIP, mapper, SVR) then
 
 
 @dataclass
@@ -196,7 +197,8 @@ class Server:
             address=self.address, key=self.key, backend_id=self.backend_id, curve_server_key=self.curve_public,
             extra={"profile": self.profile.name, "device": self.device, "store": str(store.root)},
         )
-        threading.Thread(target=_warm_up, args=(cfg.warm_up,), name="stepstone-warm-up", daemon=True).start()
+        preload = self.profile if cfg.warm_up and cfg.preload else None
+        threading.Thread(target=_warm_up, args=(cfg.warm_up, preload), name="stepstone-warm-up", daemon=True).start()
         log.info("backend %s (profile %s on %s) listening on %s; job store %s", self.backend_id,
                  self.profile.name, self.device, self.address, store.root)
 
@@ -635,10 +637,21 @@ class Server:
             log.info("%d client(s) did not answer bye within %.0f s", len(waiting), GOODBYE_GRACE_S)
 
 
-def _warm_up(all_workflows: bool = True) -> None:
+PRELOAD_KINDS = ("clip", "mapper", "svr")  # what the default job (text-to-shape) needs first
+
+
+def _warm_up(all_workflows: bool = True, preload: Any = None) -> None:
     """Import the workflow modules in the background, so the first submit of each does not stall the loop
-    (``all_workflows=False``: only the mesh exporter and the diagnostic workflow, which need no torch)."""
+    (``all_workflows=False``: only the mesh exporter and the diagnostic workflow, which need no torch).
+
+    ``preload``: a profile whose :data:`PRELOAD_KINDS` models are loaded right after (into the process-wide model
+    cache, where they stay), text-to-shape's first so the default job finds them ready (issue 15: 13-14 s of
+    loading used to come after the first submit). A job that needs a model still loading waits on the cache lock.
+    """
     from backend.pipelines import WORKFLOWS, get_workflow
+
+    if preload is not None and all_workflows:
+        _preload(preload, ["text-to-shape"])
 
     try:
         import backend.geometry.io  # noqa: F401  (trimesh: writes the final GLB files)
@@ -649,6 +662,25 @@ def _warm_up(all_workflows: bool = True) -> None:
             get_workflow(name)
         except Exception as exc:  # a workflow still missing from this build: reported when submitted
             log.debug("workflow %s not importable: %s", name, exc)
+
+
+def _preload(profile: Any, workflows: list[str]) -> None:
+    from backend.pipelines import get_workflow
+
+    t = time.perf_counter()
+    try:
+        for name in workflows:
+            get_workflow(name)
+        loaded = []
+        for kind in PRELOAD_KINDS:
+            if profile.component(kind).present:
+                getattr(profile, kind)()
+                loaded.append(kind)
+        # the line a launcher (or `bench speed`) waits for: from here the default job starts computing at once
+        print(f"Stepstone backend models ready: {', '.join(loaded) or 'none'} (profile {profile.name}) loaded in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+    except Exception as exc:  # reported again, with its reason, by the job that needs the model
+        log.warning("preloading models failed: %s", exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -667,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="import workflow modules on first use instead of in the background at start")
+    p.add_argument("--no-preload", dest="preload", action="store_false",
+                   help="load models on the first job that needs them instead of in the background at start")
     p.add_argument("--max-message-mb", type=float, default=P.MAX_MESSAGE_BYTES / 2**20,
                    help="largest message accepted, in MiB (default %(default).0f)")
     return p
@@ -677,7 +711,8 @@ def main(argv: list[str]) -> int:
     cfg = ServerConfig(host=args.host, port=args.port, connection_file=args.connection_file, profile=args.profile,
                        device=args.device, store=args.store, heartbeat_s=args.heartbeat,
                        allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed,
-                       max_bytes=int(args.max_message_mb * 2**20), warm_up=args.warm_up)
+                       max_bytes=int(args.max_message_mb * 2**20), warm_up=args.warm_up,
+                       preload=args.preload)
     server = Server(cfg)
     try:
         server.start()

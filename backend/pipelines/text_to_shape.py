@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--texture-iterations", type=int, default=None,
                         help="colour pass (ISS++ texture stylization with the prompt; 0 = off, default 15)")
     parser.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution of the result")
-    parser.add_argument("--preview-every", type=int, default=5, help="iterations between intermediate meshes")
+    parser.add_argument("--preview-every", type=int, default=None,
+                        help="iterations between intermediate meshes (default: none; `run` writes only the final ones)")
     parser.add_argument("--views", type=int, default=None, help="views per stage-2 iteration (m, default 10)")
     parser.add_argument("--render-resolution", type=int, default=None, help="render size for CLIP (default 90)")
     parser.add_argument("--grid-resolution", type=int, default=None, help="Dream3D density grid (default 64)")
@@ -177,7 +178,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "dream3d_iterations": args.dream3d_iterations,
         "texture_iterations": getattr(args, "texture_iterations", None),
         "resolution": args.resolution,
-        "preview_every": args.preview_every,
+        "preview_every": args.preview_every or _INT_RANGES["preview_every"][1],  # no previews nobody sees
         "views": args.views,
         "render_resolution": args.render_resolution,
         "grid_resolution": getattr(args, "grid_resolution", None),
