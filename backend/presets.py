@@ -76,7 +76,8 @@ WORKFLOWS = ("text-to-shape", "stylize", "gallery")
 # Measured on this project's 2-core CPU (one busy thread), ``tests/test_presets.py`` and the README: rough seconds
 # of a default job per preset, shown in the panel next to the preset (``None``: not measured; hours).
 CPU_SECONDS = {
-    "text-to-shape": {"draft": 30, "standard": 50, "paper": None},  # measured: standard 46-48 s (starter)
+    "text-to-shape": {"draft": 12, "standard": 20, "paper": None},  # measured (issue 15, `bench speed` + the colour
+    # pass): standard 8-22 s command to GLB on 2 busy cores, ~16 s when stage 2 runs all 20 iterations, +3 s colour
     "stylize": {"draft": 20, "standard": 45, "paper": None},  # measured: standard 37-45 s (starter, 1k faces)
     "gallery": {"draft": 40, "standard": None, "paper": None},  # measured: draft 37 s (tiny, 3 items)
 }
