@@ -222,7 +222,8 @@ class DefaultJob:
                 z = al.latent().detach()
             out["stage2"].append(z)
             out["final"].append(z)
-            out["decoders"].append(texture_pass(self.decoder, z, self.clip, targets[k], tc, gen, self.device))
+            target = f_t[0] if tc.target == "text" else targets[k]
+            out["decoders"].append(texture_pass(self.decoder, z, self.clip, target, tc, gen, self.device))
             out["stopped"].append(bool(al.stopped))
         return out
 

@@ -41,6 +41,8 @@ class TextureConfig:
     """The colour pass: ISS++ texture stylization (Sec. 3.4.1) with the generation prompt."""
 
     iterations: int = 15  # ours (the paper gives none); 0 switches the pass off
+    target: str = "text"  # "text": f_T, Eq. 4 with the prompt as ISS++ stylizes with its style text; "stage2": the
+    # stage-2 target of the variant (Eq. 5's blend with a prior sample), so variants may differ in colour too
     views: int = 4  # random views per iteration
     resolution: int = 64  # render size (the starter CLIP reads 64 px; larger CLIPs resize)
     n_samples: int = 32  # samples per ray

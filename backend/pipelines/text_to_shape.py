@@ -403,6 +403,22 @@ def _mesh_event(mesh, name: str, final: bool, info: dict) -> Optional[MeshUpdate
     return MeshUpdate(vertices=v, faces=f, colors=c, final=final, name=name, info=dict(info))
 
 
+def _iterate(ctx: JobContext, stage: str, iterations: int, step: Any, preview: Any, every: int):
+    """Run an optimiser's ``step()`` ``iterations`` times as a job does: a cancellation check before each, a
+    ``Progress`` with its loss terms after each, and ``preview(i)`` (a MeshUpdate or None) every ``every`` iterations
+    but the last. Returns the last step's terms (use with ``yield from``)."""
+    terms: dict[str, float] = {}
+    for i in range(iterations):
+        ctx.cancel.check()
+        terms = step()
+        yield Progress(stage, i + 1, iterations, " ".join(f"{a}={b:.4f}" for a, b in terms.items()))
+        if (i + 1) % every == 0 and i + 1 < iterations:
+            ev = preview(i + 1)
+            if ev is not None:
+                yield ev
+    return terms
+
+
 def _png(image: torch.Tensor) -> bytes:
     from PIL import Image as PILImage
 
@@ -521,18 +537,14 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         # ---- stage 2 (ISS++ Sec. 3.3.2)
         aligner = Stage2Aligner(mapper, decoder, clip, f_text, targets[k], s2, gen, device)
         stage = f"align {k + 1}/{n}" if n > 1 else "align"
-        terms: dict[str, float] = {}
-        for i in range(total_align):
-            ctx.cancel.check()
-            terms = aligner.step()
-            yield Progress(stage, i + 1, total_align, " ".join(f"{a}={b:.4f}" for a, b in terms.items()))
-            if (i + 1) % every == 0 and i + 1 < total_align:
-                with torch.no_grad():
-                    z = aligner.latent()
-                ev = _mesh_event(decoder_mesh(decoder, z, params["preview_resolution"], device, allow_empty=True),
-                                 name, False, dict(info, stage="stage-2", iteration=i + 1))
-                if ev is not None:
-                    yield ev
+
+        def stage2_preview(i: int) -> Optional[MeshUpdate]:
+            with torch.no_grad():
+                z2 = aligner.latent()
+            return _mesh_event(decoder_mesh(decoder, z2, params["preview_resolution"], device, allow_empty=True),
+                               name, False, dict(info, stage="stage-2", iteration=i))
+
+        terms = yield from _iterate(ctx, stage, total_align, aligner.step, stage2_preview, every)
         with torch.no_grad():
             z = aligner.latent().detach()
         info.update({f"align_{a}": b for a, b in terms.items() if a in ("clip", "bg")})
@@ -545,32 +557,20 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
             sc = sds_config(params, s2.view)
             refiner = SDSRefiner(decoder, z, bundle, prompt, sc, gen, device)
             stage = f"refine {k + 1}/{n}" if n > 1 else "refine"
-            for i in range(sc.iterations):
-                ctx.cancel.check()
-                t = refiner.step()
-                yield Progress(stage, i + 1, sc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
-                if (i + 1) % every == 0 and i + 1 < sc.iterations:
-                    ev = _mesh_event(decoder_mesh(refiner.decoder, z, params["preview_resolution"], device,
-                                                  allow_empty=True), name, False, dict(info, stage="refine"))
-                    if ev is not None:
-                        yield ev
+            yield from _iterate(ctx, stage, sc.iterations, refiner.step, lambda i: _mesh_event(
+                decoder_mesh(refiner.decoder, z, params["preview_resolution"], device, allow_empty=True), name, False,
+                dict(info, stage="refine")), every)
             decoder = refiner.decoder
 
         # ---- colour pass: ISS++ texture stylization (Sec. 3.4.1) with the prompt (backend.pipelines.iss_texture)
         tc = texture_config(params, s2)
         if params["method"] != "dream3d" and tc.iterations > 0:
             ctx.cancel.check()
-            tex = TextureAligner(decoder, z, clip, targets[k], tc, gen, device)
+            tex = TextureAligner(decoder, z, clip, f_text[0] if tc.target == "text" else targets[k], tc, gen, device)
             stage = f"colour {k + 1}/{n}" if n > 1 else "colour"
-            for i in range(tc.iterations):
-                ctx.cancel.check()
-                t = tex.step()
-                yield Progress(stage, i + 1, tc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
-                if (i + 1) % every == 0 and i + 1 < tc.iterations:
-                    ev = _mesh_event(decoder_mesh(tex.decoder, z, params["preview_resolution"], device,
-                                                  allow_empty=True), name, False, dict(info, stage="colour"))
-                    if ev is not None:
-                        yield ev
+            t = yield from _iterate(ctx, stage, tc.iterations, tex.step, lambda i: _mesh_event(
+                decoder_mesh(tex.decoder, z, params["preview_resolution"], device, allow_empty=True), name, False,
+                dict(info, stage="colour")), every)
             decoder = tex.decoder
             info["texture_clip"] = t["texture_clip"]
 
@@ -593,15 +593,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         grid_field = init_density_grid(sdf, dc, device)
         opt = Dream3DOptimizer(grid_field, sdf, clip, f_text, dc, gen, device)
         stage = f"dream3d {k + 1}/{n}" if n > 1 else "dream3d"
-        for i in range(dc.iterations):
-            ctx.cancel.check()
-            t = opt.step()
-            yield Progress(stage, i + 1, dc.iterations, " ".join(f"{a}={b:.4f}" for a, b in t.items()))
-            if (i + 1) % every == 0 and i + 1 < dc.iterations:
-                ev = _mesh_event(density_mesh(grid_field, params["preview_resolution"], surface_level(grid_field, dc), device,
-                                              allow_empty=True), name, False, dict(info, stage="dream3d"))
-                if ev is not None:
-                    yield ev
+        yield from _iterate(ctx, stage, dc.iterations, opt.step, lambda i: _mesh_event(
+            density_mesh(grid_field, params["preview_resolution"], surface_level(grid_field, dc), device,
+                         allow_empty=True), name, False, dict(info, stage="dream3d")), every)
         ctx.cancel.check()
         mesh = density_mesh(grid_field, params["resolution"], surface_level(grid_field, dc), device)
         yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
