@@ -52,6 +52,8 @@ class TextureConfig:
     occupancy_grid: int = 48  # the fixed occupancy, decoded once on this grid
     beta: float = 0.02  # sigma = o / beta, as DecoderField
     weight_threshold: float = 1e-3  # D_c runs only where a sample's compositing weight exceeds this
+    chunk: int = 8192  # rays per renderer chunk
+    checkpoint: bool = True  # recompute chunks in backward: memory bounded by one chunk at any view count / size
     elevation_range: tuple[float, float] = (0.0, 40.0)
     azimuth_range: tuple[float, float] = (0.0, 360.0)
     radius: float = 1.6
@@ -128,7 +130,7 @@ class TextureAligner:
         gen_dev = self.generator.device if self.generator is not None else torch.device("cpu")
         bg = torch.rand(cfg.views, 3, generator=self.generator, device=gen_dev).to(self.device)
         out = render(self.field, cams, cfg.resolution, cfg.resolution, n_samples=cfg.n_samples, background=bg,
-                     generator=self.generator, normals=None, checkpoint=False)
+                     generator=self.generator, normals=None, chunk=cfg.chunk, checkpoint=cfg.checkpoint)
         loss = clip_consistency_loss(self.target, self.clip.encode_image(out["rgb"].permute(0, 3, 1, 2)))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
