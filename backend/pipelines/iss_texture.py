@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from backend.fields.adapters import CachedDecoderField
 from backend.fields.grid import sample_grid
 from backend.losses.clip_consistency import clip_consistency_loss
+from backend.pipelines.stylize import PrunedColorField
 from backend.render import random_cameras, render
 
 
@@ -61,40 +62,25 @@ class TextureConfig:
 
 
 class FixedShapeColourField(nn.Module):
-    """A renderable field: the occupancy of ``D_o(., z)`` decoded once (fixed), the colour of ``D_c(., z)`` live.
+    """The occupancy of ``D_o(., z)`` decoded once (fixed), the colour of ``D_c(., z)`` live.
 
-    ``query`` evaluates the colour network only at samples whose compositing weight ``T_i (1 - exp(-sigma_i
-    delta_i))`` (Dream3D Eq. 7b/7c) exceeds ``weight_threshold``; other samples get colour 0, which they would
-    barely show. Gradients reach only D_c's parameters.
+    Wrapped in :class:`backend.pipelines.stylize.PrunedColorField` for rendering, so the colour network runs only at
+    samples whose compositing weight exceeds its threshold. Gradients reach only D_c's parameters.
     """
 
-    def __init__(self, decoder: nn.Module, z: Tensor, occupancy_grid: int, beta: float,
-                 weight_threshold: float) -> None:
+    def __init__(self, decoder: nn.Module, z: Tensor, occupancy_grid: int, beta: float) -> None:
         super().__init__()
         self.decoder = decoder
         self.z = z.detach().reshape(1, -1)
         self.beta = float(beta)
-        self.weight_threshold = float(weight_threshold)
         with torch.no_grad():
             self.occ = CachedDecoderField(decoder, self.z, occupancy_grid, beta=beta).grid[:1].clone()
 
     def sigma(self, points: Tensor) -> Tensor:
         return sample_grid(self.occ, points)[..., 0] / self.beta
 
-    def query(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        sigma = self.sigma(points).detach()
-        rgb = points.new_zeros(*points.shape[:-1], 3)
-        if points.ndim == 3 and points.shape[1] >= 2:  # (rays, samples, 3), front to back
-            seg = torch.linalg.norm(points[:, 1:] - points[:, :-1], dim=-1)
-            tau = sigma * torch.cat([seg, seg[:, -1:]], dim=1)
-            trans = torch.exp(-(torch.cumsum(tau, dim=1) - tau))
-            mask = trans * (1.0 - torch.exp(-tau)) > self.weight_threshold
-        else:
-            mask = sigma > 0
-        if bool(mask.any()):
-            cols = self.decoder.colour(points[mask][None], self.z)[0]
-            rgb = rgb.index_put((mask,), cols.to(rgb.dtype))
-        return sigma, rgb
+    def color(self, points: Tensor) -> Tensor:
+        return self.decoder.colour(points.reshape(1, -1, 3), self.z).reshape(*points.shape[:-1], 3)
 
 
 class TextureAligner:
@@ -117,8 +103,8 @@ class TextureAligner:
         self.target = target.detach().reshape(1, -1).to(device)
         self.generator = generator
         self.device = device
-        self.field = FixedShapeColourField(self.decoder, z.to(device), config.occupancy_grid, config.beta,
-                                           config.weight_threshold)
+        self.field = PrunedColorField(FixedShapeColourField(self.decoder, z.to(device), config.occupancy_grid,
+                                                            config.beta), weight_threshold=config.weight_threshold)
         self.opt = torch.optim.Adam(colour.parameters(), lr=config.lr)
         self.iteration = 0
 
