@@ -103,6 +103,23 @@ def test_classifier_trainer_loss_falls(tiny_data, tmp_path):
     assert isinstance(cat, str) and isinstance(col, str)
 
 
+def test_classifier_stretch_changes_proportions_only_where_picked():
+    from backend.training.classifier import stretch
+
+    img = torch.ones(3, 3, 32, 32)
+    img[:, :, 12:20, 12:20] = 0.0  # a centred dark square on white
+    rng = np.random.default_rng(0)
+    out = stretch(img, rng, 0.336, np.array([True, True, False]))
+    assert out.shape == img.shape
+    assert torch.equal(out[2], img[2])  # not picked: untouched
+    for k in range(2):
+        dark = out[k, 0] < 0.5
+        h, w = int(dark.any(1).sum()), int(dark.any(0).sum())
+        assert (h, w) != (8, 8) and 4 <= h <= 12 and 4 <= w <= 12, (h, w)
+        assert float(out[k, :, 0, 0].min()) > 0.99  # the border stays background
+    assert torch.equal(stretch(img, rng, 0.0, np.ones(3, bool)), img)
+
+
 @pytest.mark.parametrize("ssc", [True, False])
 def test_svr_trainer_loss_falls(tiny_data, tiny_clip, tmp_path, ssc):
     from backend.models.svr import SVRModel
