@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class MapperTrainConfig:
     hidden: int = 256
     n_layers: int = 12  # ISS Sec. 3.3.1
-    steps: int = 1000
+    steps: int = 8000  # 1000 until session 5: ~10 s of CPU, M was undertrained ("a table" came out an airplane)
     batch_size: int = 128
     lr: float = 5e-4  # ISS uses 1e-4 for 400 epochs; a shorter CPU schedule needs a larger step
     lambda_m: float = 0.5  # ISS Sec. 4.2
@@ -235,12 +235,16 @@ def cli(args) -> int:
         cfg.steps = args.steps
     if args.batch:
         cfg.batch_size = args.batch
+    keep_decoder = bool(getattr(args, "keep_decoder", False))
+    if keep_decoder:
+        cfg.decoder_steps = 0
     out = Path(args.out) if args.out else root / "mapper"
-    svr_out = None if args.out else root / "svr"
+    svr_out = None if args.out or keep_decoder else root / "svr"
     res = train_mapper(data, clip, svr, cfg, device=args.device, out_dir=out, svr_out_dir=svr_out)
     print(res.summary())
     if not args.out:
         record_model("mapper", out, args.seed, res.summary())
+    if not args.out and not keep_decoder:
         old = __import__("backend.models.registry", fromlist=["read_manifest"]).read_manifest(root)
         prev = old["models"].get("svr", {})
         record_model("svr", root / "svr", int(prev.get("seed", args.seed)),
