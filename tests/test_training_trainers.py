@@ -103,6 +103,23 @@ def test_classifier_trainer_loss_falls(tiny_data, tmp_path):
     assert isinstance(cat, str) and isinstance(col, str)
 
 
+def test_classifier_grey_category_tower_ignores_hue(tiny_data, tmp_path):
+    """With ``grey_category`` the category reads luminance only: an image and its grey copy get the same category
+    logits, while the colour head still sees the hue; the option trains, saves and loads back."""
+    from backend.training.classifier import ClassifierConfig, ShapeClassifier, train_classifier
+
+    cfg = ClassifierConfig(image_size=32, width=8, steps=20, batch_size=16, lr=3e-3, grey_category=True)
+    train_classifier(tiny_data, cfg, out_dir=tmp_path / "cls")
+    model = ShapeClassifier.load(tmp_path / "cls").eval()
+    assert model.shape_features is not None
+    img = torch.rand(2, 3, 32, 32)
+    grey = (img * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        (c1, k1), (c2, k2) = model(img), model(grey)
+    assert torch.allclose(c1, c2, atol=1e-5)
+    assert not torch.allclose(k1, k2, atol=1e-3)
+
+
 def test_classifier_stretch_changes_proportions_only_where_picked():
     from backend.training.classifier import stretch
 

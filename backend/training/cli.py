@@ -130,7 +130,7 @@ def cmd_classifier(args) -> int:
     from backend.training.common import record_model
 
     data = _load_data(args)
-    cfg = ClassifierConfig(seed=args.seed if args.seed else ClassifierConfig.seed)
+    cfg = ClassifierConfig(seed=args.seed if args.seed else ClassifierConfig.seed, grey_category=True)
     if args.steps:
         cfg.steps = args.steps
     if args.batch:
