@@ -166,6 +166,21 @@ def test_mapper_trainer_loss_falls(tiny_data, tiny_clip, tmp_path):
     assert m(torch.zeros(1, tiny_clip.embed_dim)).shape == (1, 16)
 
 
+def test_mapper_trainer_without_decoder_steps_leaves_the_decoder(tiny_data, tiny_clip, tmp_path):
+    """``train mapper --keep-decoder`` (``decoder_steps = 0``): M learns, the SVR decoder stays bit for bit."""
+    from backend.models.svr import SVRModel
+    from backend.training.mapper_trainer import MapperTrainConfig, train_mapper
+
+    svr = SVRModel.tiny()
+    before = {k: v.clone() for k, v in svr.state_dict().items()}
+    cfg = MapperTrainConfig(hidden=32, n_layers=12, steps=30, batch_size=8, lr=1e-3, decoder_steps=0)
+    res = train_mapper(tiny_data, tiny_clip, svr, cfg, out_dir=tmp_path / "mapper")
+    assert _falls(res.losses, 5), res.losses
+    after = svr.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not list((tmp_path).glob("svr*"))
+
+
 def test_prior_trainer_loss_falls(tiny_data, tiny_clip, tmp_path):
     from backend.models.prior import DiffusionPrior
     from backend.training.prior_trainer import PriorTrainConfig, train_prior
