@@ -36,6 +36,7 @@ part. The theme gallery row is not measured: the full-size gallery models cannot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import subprocess
@@ -173,8 +174,6 @@ def row_final_mesh() -> float:
 
 
 def _stage2_seconds(clip, mapper, decoder, cfg, device: str = "cpu", iterations: int = 3, autocast=None) -> float:
-    import contextlib
-
     import torch
 
     from backend.pipelines.iss_stages import Stage2Aligner
@@ -240,8 +239,6 @@ def row_stage2_compare(iterations: int = 20) -> None:
     cfg = replace(t2s.stage2_config(t2s.validate({"prompt": PROMPT}, []), "cpu"), min_volume=0.0)
     res = {}
     for label in ("baseline", "new"):
-        import contextlib
-
         with (_PreviousStage2Path() if label == "baseline" else contextlib.nullcontext()):
             al = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
             t = time.perf_counter()
@@ -343,10 +340,8 @@ def row_ready(work: Path, threads: int | None) -> None:
                 collect(client, is_terminal_for(job), 300)
                 firsts.append(first)
             client.shutdown()
-            try:
+            with contextlib.suppress(TimeoutError):  # best effort: the backend is terminated below either way
                 collect(client, lambda m: m.kind == "disconnected", 30)
-            except TimeoutError:
-                pass
             client.close()
         finally:
             bp.terminate()
