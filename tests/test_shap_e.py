@@ -278,6 +278,21 @@ def test_text_to_shape_streams_the_shap_e_prior_first_then_dream3d(profile):
     assert len(priors) == 2 and not np.array_equal(priors[0].vertices, priors[1].vertices)
 
 
+def test_a_prior_with_too_many_faces_is_decimated_before_it_streams(profile, monkeypatch):
+    """A noisy Shap-E field (random full-size weights gave 4.3 M faces on an H100) must not hit the mesh limit:
+    the route caps the decoded prior (vertex clustering) before the preview and Eq. 9's SDF."""
+    from backend.pipelines import shap_e_route
+
+    full = [e for e in _run("text-to-shape", dict(T2S, dream3d_iterations=1), profile)
+            if isinstance(e, MeshUpdate) and e.info.get("stage") == "shap-e prior"][0]
+    cap = max(50, len(full.faces) // 4)
+    monkeypatch.setattr(shap_e_route, "PRIOR_MAX_FACES", cap)
+    events = _run("text-to-shape", dict(T2S, dream3d_iterations=1), profile)
+    prior = [e for e in events if isinstance(e, MeshUpdate) and e.info.get("stage") == "shap-e prior"][0]
+    assert 0 < len(prior.faces) <= cap < len(full.faces)
+    assert events[-1].final and len(events[-1].faces) > 0
+
+
 def test_shape_prior_preserving_loss_keeps_the_shap_e_shape(profile):
     """Eq. 4 at a high weight against CLIP: the optimised grid stays close to the prior (IoU of the occupancies)."""
     params = dict(T2S, dream3d_iterations=6)

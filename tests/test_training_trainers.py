@@ -210,6 +210,45 @@ def test_cisp_trainer_losses_fall(tiny_data, tiny_clip, tmp_path):
     assert vox.shape == (1, 8, 8, 8)
 
 
+def test_cisp_condition_noise_mixing(tiny_data, monkeypatch):
+    """``cond_noise``: the denoiser sees unit conditions near (not at) the image embeddings; 0 leaves them as they
+    are, so older runs are reproduced exactly."""
+    from backend.models.cisp import CISP
+    from backend.training import cisp_trainer
+    from backend.training.cisp_trainer import CISPTrainConfig, train_cisp
+
+    seen = []
+    real = CISP.diffusion_loss
+
+    def spy(self, voxels, cond, generator=None):
+        seen.append(cond.detach().clone())
+        return real(self, voxels, cond, generator)
+
+    monkeypatch.setattr(CISP, "diffusion_loss", spy)
+    cfg = CISPTrainConfig(embed_dim=16, image_size=16, image_patch=8, voxel_res=8, voxel_patch=4, width=16, layers=1,
+                          heads=2, unet_channels=(8, 16), cond_tokens=2, sample_steps=3, contrastive_steps=2,
+                          diffusion_steps=3, batch_size=8, lr=3e-3)
+    clean = []
+    orig_embed_table = cisp_trainer.embedding_table
+
+    def table(*a, **k):
+        t = orig_embed_table(*a, **k)
+        clean.append(t)
+        return t
+
+    monkeypatch.setattr(cisp_trainer, "embedding_table", table)
+    train_cisp(tiny_data, cfg)
+    plain, seen[:] = list(seen), []
+    train_cisp(tiny_data, cisp_trainer.replace(cfg, cond_noise=0.5))
+    noisy = list(seen)
+    rng = np.random.default_rng(cfg.seed + 1)  # the trainer's draw of shapes and views for the first step
+    idx, views = rng.integers(0, len(tiny_data), size=8), rng.integers(0, tiny_data.n_views, size=8)
+    assert torch.equal(plain[0], clean[0][idx, views])  # off: the embeddings themselves
+    assert torch.allclose(noisy[0].norm(dim=-1), torch.ones(8), atol=1e-5)
+    cos = (noisy[0] * clean[1][idx, views]).sum(-1)
+    assert (cos < 1 - 1e-4).all() and (cos > 0.8).all()  # moved, but stays near its embedding (xi <= 0.5)
+
+
 def test_cisp_keep_encoders_retrains_only_the_diffusion(tiny_data, tiny_clip, tmp_path):
     """``train cisp --keep-encoders``: the encoders of an earlier run stay as they were; phase 2 reruns."""
     from backend.models.cisp import CISP

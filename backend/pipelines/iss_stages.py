@@ -249,7 +249,9 @@ class Stage2Aligner:
         if cfg.lambda_prior > 0:  # Eq. 6 against the stage-1 occupancy
             from backend.losses.prior_3d import prior_3d_loss, sample_prior_points
 
-            p = sample_prior_points(cfg.prior_points, generator=self.generator, device=self.device)[None]
+            # drawn where the generator lives (a CPU generator for reproducible seeds on any device), then moved
+            gen_dev = self.generator.device if self.generator is not None else "cpu"
+            p = sample_prior_points(cfg.prior_points, generator=self.generator, device=gen_dev).to(self.device)[None]
             occ = torch.sigmoid(self.decoder(p, z)[0])
             with torch.no_grad():
                 occ1 = torch.sigmoid(self.decoder(p, self.z1)[0])

@@ -35,6 +35,10 @@ from backend.pipelines.dream3d import Dream3DOptimizer, density_mesh, init_densi
 DREAM3D_ITERATIONS = 300
 SDS_WEIGHT = 1e-3
 PRIOR_RESOLUTION = {"cuda": 128, "cpu": 64}
+# ours: a decoded prior is decimated (vertex clustering) above this many faces before it streams as a preview and
+# becomes Eq. 9's SDF. A real Shap-E shape at 128^3 stays far below; a noisy field (random weights, a bad sample)
+# can cross zero millions of times (4.3 M faces measured on an H100), past the project's mesh limit.
+PRIOR_MAX_FACES = 300_000
 ROUTE = "shap-e+dream3d"
 CPU_DEFAULTS = {"views": 2, "render_resolution": 64, "n_samples": 32}  # ours: Dream3D renders on a CPU
 
@@ -100,7 +104,7 @@ def run(params: dict, ctx: JobContext, seed: int) -> Iterator[Event]:
                 break
             ctx.cancel.check()
             yield Progress("shap-e" + suffix, i, total, "sampling the Shap-E shape prior")
-        shape = shap.decode_mesh(latent, decode_res, checkpoint=ctx.cancel.check)
+        shape = shap.decode_mesh(latent, decode_res, target_faces=PRIOR_MAX_FACES, checkpoint=ctx.cancel.check)
         prior_info = dict(info, stage="shap-e prior", **{k2: v for k2, v in shape.info.items()
                                                          if k2 == "iso_fallback"})
         yield MeshUpdate(vertices=shape.vertices, faces=shape.faces, colors=shape.colors, final=False, name=name,

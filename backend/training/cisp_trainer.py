@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from backend.training.common import StepLogger, TrainResult, past_deadline, seed_everything
 from backend.training.dataset import StarterDataset
+from backend.training.mapper_trainer import perturb
 from backend.training.svr_trainer import white_images
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class CISPTrainConfig:
     diffusion_steps: int = 600
     batch_size: int = 16
     lr: float = 5e-4
+    # Ours, not paper 002: noise mixing of the condition in phases 2 and 3, ``normalize(c + xi eps/|eps|)`` with
+    # ``xi ~ U(0, cond_noise)`` per sample (the mapper trainer's :func:`perturb`, ISS's noise mixing), so the
+    # denoiser also maps the neighbourhood of each training embedding and not only the 1040 x 4 points it sees;
+    # a held-out image's embedding falls between them. 0 = off (the runs before session 6).
+    cond_noise: float = 0.0
     seed: int = 0
 
     def model_config(self, embed_dim: int | None = None):
@@ -168,6 +174,11 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
     return result
 
 
+def noise_note(cfg: CISPTrainConfig) -> str:
+    """The manifest's words for the condition's noise mixing ("" when off)."""
+    return f", condition noise mixing xi ~ U(0, {cfg.cond_noise:g})" if cfg.cond_noise > 0 else ""
+
+
 def _train_denoiser(model, embed, vox, n, v, cfg: CISPTrainConfig, device: str, rng_seed: int) -> list[float]:
     """Phase 2: DDPM loss of ``model``'s denoiser conditioned on ``embed(idx, views)``."""
     rng = np.random.default_rng(rng_seed)
@@ -179,7 +190,7 @@ def _train_denoiser(model, embed, vox, n, v, cfg: CISPTrainConfig, device: str, 
     for step in range(cfg.diffusion_steps):
         idx = rng.integers(0, n, size=cfg.batch_size)
         views = rng.integers(0, v, size=cfg.batch_size)
-        cond = embed(idx, views)
+        cond = perturb(embed(idx, views), cfg.cond_noise, gen)
         loss = model.diffusion_loss(vox[idx].to(device), cond, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,6 +242,8 @@ def cli(args) -> int:
         cfg.contrastive_steps = max(1, round(args.steps * 2 / 3))
     if args.batch:
         cfg.batch_size = args.batch
+    if getattr(args, "cond_noise", None) is not None:
+        cfg.cond_noise = args.cond_noise
     if args.clip_only:
         if clip is None:
             raise FileNotFoundError(f"cisp --clip-only needs the starter CLIP in {clip_dir}; train it first")
@@ -240,7 +253,7 @@ def cli(args) -> int:
         if not args.out:
             record_model("cisp_clipcond", out, args.seed,
                          "paper 002 baseline: the same voxel DDPM conditioned on the starter CLIP image embedding; "
-                         + res.summary())
+                         + res.summary() + noise_note(cfg))
         return 0
     out = Path(args.out) if args.out else root / "cisp"
     clip_out = (out.parent / "cisp_clipcond") if clip is not None else None
@@ -266,7 +279,7 @@ def cli(args) -> int:
         f"cisp: contrastive phase skipped, retrieval_top1={res.metrics['retrieval_top1']:.4g}, "
         f"diffusion loss {res.metrics['diffusion_loss_first_last']}")
     summary = (f"{head}; voxel diffusion {len(d)} steps, batch {cfg.batch_size}, "
-               f"{cfg.prediction_type} prediction{kept_note}")
+               f"{cfg.prediction_type} prediction{noise_note(cfg)}{kept_note}")
     print(summary)
     if not args.out:
         record_model("cisp", out, args.seed, summary)
@@ -275,5 +288,5 @@ def cli(args) -> int:
             record_model("cisp_clipcond", clip_out, args.seed,
                          "paper 002 baseline: the same voxel DDPM conditioned on the starter CLIP image embedding, "
                          f"trained in the same run with the same steps, batch and seed: {len(c)} steps, batch "
-                         f"{cfg.batch_size}, loss {np.mean(c[:20]):.4f}->{np.mean(c[-20:]):.4f}")
+                         f"{cfg.batch_size}, loss {np.mean(c[:20]):.4f}->{np.mean(c[-20:]):.4f}{noise_note(cfg)}")
     return 0

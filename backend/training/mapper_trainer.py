@@ -95,9 +95,9 @@ def perturb(f: torch.Tensor, noise_max: float, gen: torch.Generator | None = Non
     """``normalize(f + xi * eps/|eps|)``, ``xi ~ U(0, noise_max)`` per row (noise mixing of the CLIP feature)."""
     if noise_max <= 0:
         return f
-    eps = torch.randn(f.shape, generator=gen, device=f.device)
-    eps = F.normalize(eps, dim=-1)
-    xi = torch.rand(f.shape[0], 1, generator=gen, device=f.device) * noise_max
+    gdev = gen.device if gen is not None else f.device  # a CPU generator also serves features on a GPU
+    eps = F.normalize(torch.randn(f.shape, generator=gen, device=gdev).to(f.device), dim=-1)
+    xi = torch.rand(f.shape[0], 1, generator=gen, device=gdev).to(f.device) * noise_max
     return F.normalize(f + xi * eps, dim=-1)
 
 
