@@ -10,7 +10,9 @@ was optimistic. The CLIP-conditioned voxel diffusion (paper 002's baseline) wait
 conditioned on that CLIP's image embeddings. The text tower's weights are not needed: every caption embedding comes
 from the text cache made beforehand (``python -m backend train clip --steps 1 --out /tmp/x`` writes it).
 
-Everything lands in ``OUTDIR/models/<name>`` and is packed into ``OUTDIR/models.tar`` plus ``OUTDIR/logs.tar``.
+Everything lands in ``OUTDIR/models/<name>`` and is packed into one ``OUTDIR/models_<name>.tar`` per model (a lent
+machine may return only files of limited size; a session lost a run's weights to one 31 MB tar), plus
+``OUTDIR/plan.json`` and ``OUTDIR/logs.tar``.
 """
 
 from __future__ import annotations
@@ -139,9 +141,10 @@ def main() -> int:
         print(f"== {n}: {' | '.join(last[-3:])}", flush=True)
     (out / "plan.json").write_text(json.dumps({"steps": steps, "batch": {n: PLAN[n][2] for n in steps},
                                                "commands": {n: " ".join(c) for n, c in jobs.items()}}, indent=2))
-    with tarfile.open(out / "models.tar", "w") as tf:
-        tf.add(models, arcname="models")
-        tf.add(out / "plan.json", arcname="plan.json")
+    for n in jobs:  # one tar per model: a lent machine may return files of limited size (16 MiB each here)
+        if (models / n).is_dir():
+            with tarfile.open(out / f"models_{n}.tar", "w") as tf:
+                tf.add(models / n, arcname=f"models/{n}")
     with tarfile.open(out / "logs.tar", "w") as tf:
         tf.add(logs, arcname="logs")
     return 0
