@@ -200,8 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "phase) and retrain the voxel diffusion, and with a starter CLIP its CLIP-conditioned twin")
     p.add_argument("--cond-noise", type=float, default=None,
                    help="cisp: noise mixing of the condition in the voxel diffusion (xi ~ U(0, this); default 0)")
-    p.add_argument("--caption-loss", choices=("latent", "field"), default=None,
-                   help="mapper: caption pairs by Eq. 2's latent L2 (default) or compared as decoded fields (ours)")
     p.add_argument("--keep-decoder", action="store_true",
                    help="mapper: train M only and leave the shipped SVR decoder as it is (skip the L_D + L_bg "
                         "fine-tuning of D, which an earlier `train mapper` already did)")

@@ -48,11 +48,6 @@ class MapperTrainConfig:
     noise_max: float = 1.0  # xi of the feature perturbation (noise mixing)
     text_pairs: float = 0.5  # fraction of a batch that is (caption feature, shape latent); 0 = ISS (image only)
     text_noise_max: float = 0.3  # xi for the caption features (they are what M sees at test time)
-    # Caption pairs' loss (ours, session 6): "latent" = Eq. 2's L2 to E_S(I); "field" = the same pairs compared
-    # after decoding, through the frozen D (see :func:`field_loss`), plus field_latent x Eq. 2.
-    caption_loss: str = "latent"
-    field_points: int = 256
-    field_latent: float = 0.1
     captions_per_shape: int = 6
     text_cache: str = ""  # TextCache file of caption embeddings ("" = embed in memory)
     decoder_steps: int = 100  # fine-tuning of D with L_D + lambda_bg L_bg
@@ -133,26 +128,6 @@ def background_loss(svr, z: torch.Tensor, data: StarterDataset, idx, views, cfg:
     return ((rgb - 1.0) ** 2).sum(-1).mean()
 
 
-def field_loss(decoder, z_pred: torch.Tensor, z_true: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Caption pairs compared as fields (ours, a stated departure from ISS Eq. 2): at points ``p`` of shape i,
-    ``BCE(D_o(p, M(f_T)), sigmoid(D_o(p, z_i))) + |D_c(p, M(f_T)) - D_c(p, z_i)|`` (colour weighted by the
-    target's occupancy), through the frozen decoder.
-
-    Why: a caption that fits many shapes ("a dining table") makes Eq. 2's L2 optimum the *mean latent* of those
-    shapes, and the mean of 40 training tables' latents decodes to almost nothing (fill 0.001 against 0.017 per
-    table; session 5). Under this loss the optimum is the latent whose decoded field is closest to the *mean
-    field*, i.e. a typical table.
-    """
-    logits, rgb = decoder(points, z_pred)
-    with torch.no_grad():
-        t_logits, t_rgb = decoder(points, z_true)
-        t_occ = torch.sigmoid(t_logits)
-    bce = F.binary_cross_entropy_with_logits(logits, t_occ)
-    w = t_occ[..., None]
-    col = ((rgb - t_rgb).abs() * w).sum() / (w.sum() * 3).clamp_min(1.0)
-    return bce + col
-
-
 def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device: str = "cpu",
                  out_dir: str | Path | None = None, svr_out_dir: str | Path | None = None) -> TrainResult:
     """Stage 1: train M with Eq. 2 (noise-mixed CLIP image features), then fine-tune D with L_D + L_bg (Eq. 3)."""
@@ -175,7 +150,6 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
         cap_emb, cap_index = caption_features(data, clip, cfg)
         cap_emb = cap_emb.to(device)
     n_views = data.n_views
-    svr.requires_grad_(False)  # frozen while M trains (the field loss backpropagates through D into M only)
     for step in range(cfg.steps):
         b = torch.randint(0, len(f_img), (cfg.batch_size - n_txt,), generator=gen).to(device)
         f = perturb(f_img[b], cfg.noise_max, None)
@@ -187,16 +161,7 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
             rows = torch.as_tensor(cap_index[i.numpy(), c.numpy()], device=device)
             f = torch.cat([f, perturb(cap_emb[rows], cfg.text_noise_max, None)])
             z = torch.cat([z, z_img[(i * n_views + k).to(device)]])
-        if n_txt and cfg.caption_loss == "field":
-            n_img = cfg.batch_size - n_txt
-            loss = cfg.lambda_m * mapper.regression_loss(f[:n_img], z[:n_img])  # Eq. 2 on the image pairs
-            z_txt = mapper(f[n_img:])
-            pick = torch.randint(0, data.points.shape[1], (cfg.field_points,), generator=gen).numpy()
-            pts = torch.from_numpy(data.points[i.numpy()][:, pick].astype(np.float32)).to(device)
-            loss = loss + field_loss(svr.decoder, z_txt, z[n_img:], pts) + cfg.field_latent * cfg.lambda_m * (
-                ((z_txt - z[n_img:].detach()) ** 2).sum(-1).mean())
-        else:
-            loss = cfg.lambda_m * mapper.regression_loss(f, z)  # Eq. 2 (z detached inside)
+        loss = cfg.lambda_m * mapper.regression_loss(f, z)  # Eq. 2 (z detached inside)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -204,7 +169,6 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
         if logger(step, loss.item()):
             break
     mapper.eval()
-    svr.requires_grad_(True)
     # --- decoder fine-tuning with L_D + lambda_bg L_bg (Eq. 3); M and E_S frozen (stop-gradient, Fig. 3a)
     rng = np.random.default_rng(cfg.seed + 1)
     svr.train()
@@ -243,8 +207,6 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
     result.decoder_losses = d_losses  # type: ignore[attr-defined]
     with torch.no_grad():
         d_img = (mapper(f_img) - z_img).norm(dim=-1).mean().item()
-    if n_txt and cfg.caption_loss != "latent":
-        result.metrics["caption_loss"] = cfg.caption_loss
     result.metrics.update(d_MfI_fS=d_img, bg_first=float(np.mean(bg_losses[:5])) if bg_losses else 0.0,
                           bg_last=float(np.mean(bg_losses[-5:])) if bg_losses else 0.0)
     result.mapper = mapper  # type: ignore[attr-defined]
@@ -273,8 +235,6 @@ def cli(args) -> int:
         cfg.steps = args.steps
     if args.batch:
         cfg.batch_size = args.batch
-    if getattr(args, "caption_loss", None):
-        cfg.caption_loss = args.caption_loss
     keep_decoder = bool(getattr(args, "keep_decoder", False))
     if keep_decoder:
         cfg.decoder_steps = 0
