@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -239,7 +241,7 @@ def test_cisp_condition_noise_mixing(tiny_data, monkeypatch):
     monkeypatch.setattr(cisp_trainer, "embedding_table", table)
     train_cisp(tiny_data, cfg)
     plain, seen[:] = list(seen), []
-    train_cisp(tiny_data, cisp_trainer.replace(cfg, cond_noise=0.5))
+    train_cisp(tiny_data, dataclasses.replace(cfg, cond_noise=0.5))
     noisy = list(seen)
     rng = np.random.default_rng(cfg.seed + 1)  # the trainer's draw of shapes and views for the first step
     idx, views = rng.integers(0, len(tiny_data), size=8), rng.integers(0, tiny_data.n_views, size=8)
