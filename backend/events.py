@@ -117,6 +117,13 @@ class JobContext:
     cancel: CancelToken = field(default_factory=CancelToken)
     seed: int = 0
     workdir: Optional[str] = None
+    precision: str = "auto"  # mixed precision of the iterative stages (backend.models.device.autocast)
+
+    def autocast(self):
+        """The job's mixed-precision context: bf16 autocast on CUDA by default, none on a CPU (issue 15)."""
+        from backend.models.device import autocast
+
+        return autocast(self.device, self.precision)
 
 
 Pipeline = Callable[[dict, list, JobContext], Iterator[Event]]

@@ -331,10 +331,11 @@ class JobManager:
     """
 
     def __init__(self, store: JobStore, *, profile: Any, device: str, backend_id: str, emit: Emit,
-                 seed: int = 0) -> None:
+                 seed: int = 0, precision: str = "auto") -> None:
         self.store = store
         self.profile = profile
         self.device = device
+        self.precision = precision
         self.backend_id = backend_id
         self.emit = emit
         self.seed = seed
@@ -633,7 +634,7 @@ class JobManager:
         from backend.pipelines import get_workflow
 
         seed = job.params.get("seed")
-        ctx = JobContext(profile=self.profile, device=self.device, cancel=job.cancel,
+        ctx = JobContext(profile=self.profile, device=self.device, cancel=job.cancel, precision=self.precision,
                          seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else self.seed,
                          workdir=str(self.store.dir(job.id) / "work"))
         gen = None

@@ -59,6 +59,7 @@ class ServerConfig:
     connection_file: Optional[Path] = None
     profile: Optional[str] = None
     device: str = "auto"
+    precision: str = "auto"  # mixed precision of the jobs' iterative stages (backend.models.device.autocast)
     store: Optional[Path] = None
     heartbeat_s: float = 1.0
     session_timeout_s: float = 60.0  # forget a client silent this long (its jobs go on)
@@ -160,11 +161,16 @@ class Server:
             raise InputError("this pyzmq/libzmq has no CurveZMQ support, so a remote backend cannot be secured")
         # "cpu" needs no torch import here (seconds on a busy machine); "auto"/"cuda" ask torch
         self.device = "cpu" if cfg.device == "cpu" else resolve_device(cfg.device)
+        from backend.models.device import check_precision, enable_tf32
+
+        self.precision = check_precision(cfg.precision)
+        if self.device != "cpu" and self.precision != "fp32":
+            enable_tf32(self.device)
         self.profile = load_profile(cfg.profile, device=self.device)
         self._capabilities = self.profile.capabilities()  # computed once, here, not on every hello
         store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
         self.manager = JobManager(store, profile=self.profile, device=self.device, backend_id=self.backend_id,
-                                  emit=self._emit, seed=cfg.seed)
+                                  emit=self._emit, seed=cfg.seed, precision=self.precision)
         self._wake_pull = self._ctx.socket(zmq.PULL)
         self._wake_pull.bind(self._wake_addr)
         r = self._ctx.socket(zmq.ROUTER)
@@ -694,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", default=None, help="host name remote clients use (written to the connection file)")
     p.add_argument("--profile", default=None, help="model profile: starter (default), pretrained or tiny")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="mixed precision of the iterative stages: auto = TF32 + bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--store", type=Path, default=None, help="job store folder (default: see docs)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -709,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = ServerConfig(host=args.host, port=args.port, connection_file=args.connection_file, profile=args.profile,
-                       device=args.device, store=args.store, heartbeat_s=args.heartbeat,
+                       device=args.device, precision=args.precision, store=args.store, heartbeat_s=args.heartbeat,
                        allow_remote=args.allow_remote, advertise=args.advertise, seed=args.seed,
                        max_bytes=int(args.max_message_mb * 2**20), warm_up=args.warm_up,
                        preload=args.preload)

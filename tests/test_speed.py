@@ -143,6 +143,36 @@ def test_text_to_shape_tiny_bf16(tiny):
     _check_finite(events, "text-to-shape")
 
 
+def test_job_precision_setting_runs_the_stages_in_bf16(tiny, monkeypatch):
+    """``--precision bf16`` (JobContext.precision) puts the iterative stages under bf16 autocast; ``auto`` leaves a
+    CPU job in float32 (and is bf16 on CUDA); a wrong name or fp16 on a CPU is a clear error."""
+    from backend.errors import InputError
+    from backend.models.device import autocast
+    from backend.pipelines import iss_stages
+
+    seen = []
+    orig = iss_stages.Stage2Aligner.step
+
+    def step(self):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return orig(self)
+
+    monkeypatch.setattr(iss_stages.Stage2Aligner, "step", step)
+    wf = get_workflow("text-to-shape")
+    p = wf.validate({"prompt": "a chair", "views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16,
+                     "preview_every": 5, "iterations": 2, "lr": 0.01}, [])
+    _check_finite(list(wf.run(p, [], JobContext(profile=tiny, device="cpu", seed=0, precision="bf16"))), "t2s")
+    assert seen == [True, True]
+    seen.clear()
+    list(wf.run(p, [], JobContext(profile=tiny, device="cpu", seed=0)))
+    assert seen == [False, False]
+    assert not torch.is_autocast_enabled("cpu")  # the job's autocast ends with its stage
+    with pytest.raises(InputError, match="fp16 autocast needs a CUDA"):
+        autocast("cpu", "fp16")
+    with pytest.raises(InputError, match="unknown precision"):
+        autocast("cuda", "fp8")
+
+
 def test_stylize_tiny_bf16(tiny):
     wf = get_workflow("stylize")
     m = trimesh.creation.icosphere(3, radius=0.4)

@@ -28,9 +28,9 @@ CPU rows (starter profile, the README's main job):
   + iterations x measured seconds per iteration + final mesh); the paper preset's iteration is measured at one
   view and scaled by its 10 views. Stylize and gallery presets: the table in :mod:`backend.presets`.
 
-CUDA rows (only with a device): stage 2 at the paper's settings with full-size random-weight models (fp32, as the
-code runs today, vs TF32 + bf16 autocast with unchunked, uncheckpointed renders), and the stylize benchmark's GPU
-part. The theme gallery row is not measured: the full-size gallery models cannot be fetched here.
+CUDA rows (only with a device): stage 2 at the paper's settings with full-size random-weight models (baseline: fp32
+with 8 k-ray chunks, the path before issue 15; new: the jobs' CUDA default, TF32 + bf16 autocast with 32 k-ray
+checkpointed chunks), and the stylize benchmark's GPU part (fp32 vs the same default, with a torch.profiler table). The theme gallery row is not measured: the full-size gallery models cannot be fetched here.
 """
 
 from __future__ import annotations
@@ -379,15 +379,19 @@ def rows_cuda(iterations: int) -> None:
         clip, mapper, svr = full_size_models("cuda")
         cfg = Stage2Config()
         base = _stage2_seconds(clip, mapper, svr.decoder, cfg, "cuda", iterations)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        # bigger checkpointed chunks (4x fewer launches and recomputations); unchunked would need ~100 GB
-        fast_cfg = replace(cfg, view=replace(cfg.view, chunk=32768, checkpoint=True))
+        from backend.models.device import autocast, enable_tf32
+        from backend.pipelines.text_to_shape import stage2_config
+
+        enable_tf32("cuda")
+        # the jobs' default CUDA path (issue 15): 32 k-ray checkpointed chunks (stage2_config on a GPU), TF32 and
+        # bf16 autocast (JobContext.autocast with precision "auto")
+        fast_cfg = stage2_config({}, "cuda")
         fast = _stage2_seconds(clip, mapper, svr.decoder, fast_cfg, "cuda", iterations,
-                               autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+                               autocast=lambda: autocast("cuda", "auto"))
         print(f"  stage 2, paper settings (ViT-B-32, decoder 512x5, 10 views at 90^2, 48 samples), per iteration: "
-              f"baseline fp32 {base:.3f} s | TF32 + bf16 autocast, 32k-ray chunks {fast:.3f} s | "
-              f"{_ratio(base, fast)} (goal <= 0.25 s); 20 iterations {20 * fast:.1f} s")
+              f"baseline fp32 8k-ray chunks {base:.3f} s | the jobs' CUDA default (TF32 + bf16 autocast, "
+              f"{fast_cfg.view.chunk // 1024}k-ray chunks) {fast:.3f} s | {_ratio(base, fast)} (goal <= 0.25 s); "
+              f"20 iterations {20 * fast:.1f} s")
         print(f"  peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         del clip, mapper, svr
     except Exception as exc:  # one failed row must not hide the others
@@ -398,9 +402,9 @@ def rows_cuda(iterations: int) -> None:
     torch.cuda.empty_cache()
     from backend.bench import stylize
 
-    print("  stylize (the stylize benchmark's GPU part; no baseline switch in it):")
+    print("  stylize (the stylize benchmark's GPU part):")
     try:
-        stylize.main(["--skip-cpu"])
+        stylize.main(["--skip-cpu", "--profile"])
     except Exception as exc:
         print(f"  stylize: failed: {type(exc).__name__}: {exc}")
     print("  theme gallery, default preset: not measured: the full-size gallery models cannot be fetched here")

@@ -57,13 +57,14 @@ def bench_mesh(faces: int):
     return v.astype(np.float32), m.faces.astype(np.uint32)
 
 
-def _time_run(profile: Any, device: str, vertices: np.ndarray, faces: np.ndarray, params: dict) -> dict:
+def _time_run(profile: Any, device: str, vertices: np.ndarray, faces: np.ndarray, params: dict,
+              precision: str = "auto") -> dict:
     from backend.events import JobContext, MeshInput, MeshUpdate, Progress
     from backend.pipelines import stylize
 
     mi = MeshInput("bench", vertices, faces, None, None)
     p = stylize.validate({"style": "made of glacier ice", "mode": "texture", "preview_every": 0, **params}, [mi])
-    ctx = JobContext(profile=profile, device=device, seed=0)
+    ctx = JobContext(profile=profile, device=device, seed=0, precision=precision)
     sync = _sync(device)
     t0 = time.perf_counter()
     t_ready = t_opt = None
@@ -115,6 +116,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--gpu-model", default="ViT-B-32", help="open_clip architecture for the full-size GPU run")
+    ap.add_argument("--profile", action="store_true", help="GPU: print torch.profiler's top operators of 3 iterations")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(max(1, args.cpu_threads))
@@ -137,12 +139,29 @@ def main(argv: list[str]) -> int:
         profile.clip()
         gpu_params = dict(iterations=40, strength=0.5, views=10, render_resolution=224, n_samples=64,
                           grid_resolution=128, eval_views=4)
-        _time_run(profile, "cuda", v[:], f[:], dict(gpu_params, iterations=1))  # warm-up (kernels, allocator)
+        from backend.models.device import enable_tf32
+
+        # baseline: the path before issue 15's precision work (float32, TF32 off); new: the jobs' default on CUDA
+        # (TF32 matmuls + bf16 autocast in the iterations, backend.models.device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        _time_run(profile, "cuda", v[:], f[:], dict(gpu_params, iterations=1), "fp32")  # warm-up (kernels, allocator)
+        base = _time_run(profile, "cuda", v, f, gpu_params, "fp32")
+        _print(f"GPU {name}, full-size {args.gpu_model} (random weights), baseline fp32", base, gpu_params)
+        enable_tf32("cuda")
+        _time_run(profile, "cuda", v[:], f[:], dict(gpu_params, iterations=1))
         r = _time_run(profile, "cuda", v, f, gpu_params)
-        _print(f"GPU {name}, full-size {args.gpu_model} (random weights)", r, gpu_params)
+        _print(f"GPU {name}, full-size {args.gpu_model} (random weights), TF32 + bf16 autocast", r, gpu_params)
         t = r["total"]
+        print(f"ratio baseline / new: x{base['total'] / t:.2f} total, x{base['optimise'] / max(r['optimise'], 1e-9):.2f} "
+              f"optimisation")
         print(f"goals: issue 7, under 20 s on an H200 -> {'met' if t < 20 else 'NOT met'}; issue 15, <= 8 s -> "
               f"{'met' if t <= 8 else 'NOT met'} ({t:.1f} s on {name})")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile as tprofile
+
+            with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                _time_run(profile, "cuda", v, f, dict(gpu_params, iterations=3))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     else:
         print("GPU full size: no CUDA device on this machine; not measured")
     return 0

@@ -690,7 +690,8 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     terms: dict[str, float] = {}
     for it in range(total):
         ctx.cancel.check()
-        terms = st.step(it)
+        with ctx.autocast():  # bf16 autocast on CUDA by default (issue 15); float32 on a CPU
+            terms = st.step(it)
         msg = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
         yield Progress(stage, it + 1, total, msg)
         if cfg.preview_every and (it + 1) % cfg.preview_every == 0 and it + 1 < total:
