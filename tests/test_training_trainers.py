@@ -270,3 +270,39 @@ def test_cisp_keep_encoders_retrains_only_the_diffusion(tiny_data, tiny_clip, tm
             assert torch.equal(t, again.state_dict()[name]), name
     # same seed, same (kept) encoder: phase 2 is reproducible, the denoiser comes out identical
     assert torch.equal(first.denoiser.inp.weight, again.denoiser.inp.weight)
+
+
+def test_cisp_with_a_clip_image_backbone_trains_saves_and_loads_through_the_profile(tiny_data, tiny_clip, tmp_path,
+                                                                                     monkeypatch):
+    """``image_backbone="clip"``: E_i is the CLIP image tower (frozen) plus a trained head; the saved folder holds
+    only the head, and the profile gives the loaded model its own CLIP back, so an image lifts end to end."""
+    from backend.errors import InputError
+    from backend.models.cisp import CISP
+    from backend.training.cisp_trainer import CISPTrainConfig, train_cisp
+
+    cfg = CISPTrainConfig(embed_dim=16, image_size=16, image_patch=8, voxel_res=8, voxel_patch=4, width=16, layers=1,
+                          heads=2, unet_channels=(8, 16), cond_tokens=2, sample_steps=3, contrastive_steps=30,
+                          diffusion_steps=10, batch_size=8, lr=3e-3, image_backbone="clip")
+    clip_before = {k: t.clone() for k, t in tiny_clip.model.state_dict().items()}
+    res = train_cisp(tiny_data, cfg, out_dir=tmp_path / "cisp", clip=tiny_clip, clip_out_dir=tmp_path / "clipcond")
+    assert _falls(res.losses), res.losses
+    assert all(torch.equal(t, tiny_clip.model.state_dict()[k]) for k, t in clip_before.items())  # the tower stays frozen
+    model = CISP.load(tmp_path / "cisp")
+    assert model.config.image_backbone == "clip" and model.config.backbone_dim == tiny_clip.embed_dim
+    assert not any(k.startswith("backbone") for k in model.state_dict())
+    img = torch.rand(2, 3, 32, 32)
+    with pytest.raises(InputError, match="attach_backbone"):
+        model.encode_image(img)
+    model.attach_backbone(tiny_clip)
+    with torch.no_grad():
+        e = model.encode_image(img)
+        assert torch.allclose(e, res.model.encode_image(img), atol=1e-5)  # type: ignore[attr-defined]
+    assert model.sample(e, steps=2).shape == (2, 8, 8, 8)
+    assert CISP.load(tmp_path / "clipcond").config.image_backbone == "vit"  # the baseline reads CLIP directly
+
+    from backend.models import registry
+
+    prof = registry.load_profile("tiny")
+    monkeypatch.setattr(prof, "_local_model", lambda *a, **k: CISP.load(tmp_path / "cisp"))
+    monkeypatch.setattr(prof, "clip", lambda: tiny_clip)
+    assert prof.cisp().backbone is tiny_clip

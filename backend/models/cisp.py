@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,12 @@ class CISPConfig:
     time_embed_dim: int = 0       # sinusoidal timestep embedding width (0: unet_channels[0], the old 8)
     timestep_spacing: str = "leading"  # DDIM timesteps: "trailing" starts at t = T-1, where x_T is pure noise
     clip_sample: bool = False     # clip the sampler's x0 estimate to the data range [-1, 1] (Ho et al. 2020)
+    # The image tower E_i: "vit" trains a small ViT from scratch; "clip" is paper 002's pretrained-backbone
+    # design here (its DeiT-B image encoder starts from pretraining): the profile's own CLIP image tower, frozen,
+    # with a trainable MLP head of ``backbone_dim`` -> embed_dim, so the joint embedding starts from features
+    # that already generalise beyond the 1040 training shapes (the from-scratch ViT over-fits them).
+    image_backbone: str = "vit"
+    backbone_dim: int = 0
 
 
 def _vit_blocks(width: int, layers: int, heads: int) -> nn.TransformerEncoder:
@@ -169,7 +175,16 @@ class CISP(nn.Module):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.config = c = config or CISPConfig()
-        self.image_encoder = _ViT(2, 3, c.image_size, c.image_patch, c.width, c.layers, c.heads, c.embed_dim)
+        if c.image_backbone == "clip":
+            if c.backbone_dim <= 0:
+                raise InputError("a CISP with a CLIP image backbone needs backbone_dim (the CLIP embedding size)")
+            self.image_encoder = nn.Sequential(nn.LayerNorm(c.backbone_dim), nn.Linear(c.backbone_dim, 2 * c.width),
+                                               nn.GELU(), nn.Linear(2 * c.width, c.embed_dim))
+        elif c.image_backbone == "vit":
+            self.image_encoder = _ViT(2, 3, c.image_size, c.image_patch, c.width, c.layers, c.heads, c.embed_dim)
+        else:
+            raise InputError(f"CISP image_backbone must be vit or clip, got {c.image_backbone!r}")
+        object.__setattr__(self, "backbone", None)  # not a submodule: its weights are the CLIP's, saved there
         self.voxel_encoder = _ViT(3, 1, c.voxel_res, c.voxel_patch, c.width, c.layers, c.heads, c.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
         if c.prediction_type not in PREDICTION_TYPES:
@@ -183,10 +198,32 @@ class CISP(nn.Module):
 
     # ------------------------------------------------------------------ joint embedding
 
+    def attach_backbone(self, clip: Any) -> "CISP":
+        """Give a ``image_backbone="clip"`` CISP the CLIP whose image tower it was trained on (the profile's)."""
+        dim = getattr(clip, "embed_dim", None)
+        if dim is not None and dim != self.config.backbone_dim:
+            raise InputError(f"this CISP was trained on a {self.config.backbone_dim}-d CLIP image embedding; the "
+                             f"profile's CLIP gives {dim}-d")
+        object.__setattr__(self, "backbone", clip)
+        return self
+
+    def encode_image_features(self, features: Tensor) -> Tensor:
+        """Unit-norm joint embeddings (B, E) from CLIP image features (B, backbone_dim): the head of a
+        ``image_backbone="clip"`` CISP."""
+        if self.config.image_backbone != "clip":
+            raise InputError("encode_image_features is for a CISP with a CLIP image backbone")
+        return F.normalize(self.image_encoder(features.float()), dim=-1)
+
     def encode_image(self, images: Tensor) -> Tensor:
         """Unit-norm joint embeddings (B, E) of images (B, 3, H, W) in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"CISP images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        if self.config.image_backbone == "clip":
+            if self.backbone is None:
+                raise InputError("this CISP reads images through a CLIP image tower: attach_backbone(clip) first")
+            with torch.no_grad():
+                feats = self.backbone.encode_image(images)
+            return self.encode_image_features(feats)
         s = self.config.image_size
         x = images.float()
         if x.shape[-2:] != (s, s):
@@ -205,9 +242,11 @@ class CISP(nn.Module):
         """Unit-norm joint embeddings (B, E) of occupancy grids (B, R, R, R) in [0, 1] (3D-DeiT)."""
         return F.normalize(self.voxel_encoder(self._voxels(voxels) * 2.0 - 1.0), dim=-1)
 
-    def contrastive_loss(self, images: Tensor, voxels: Tensor) -> Tensor:
-        """Symmetric InfoNCE (CLIP loss) between matching image/shape pairs of a batch."""
-        fi, fv = self.encode_image(images), self.encode_voxels(voxels)
+    def contrastive_loss(self, images: Optional[Tensor], voxels: Tensor, features: Optional[Tensor] = None) -> Tensor:
+        """Symmetric InfoNCE (CLIP loss) between matching image/shape pairs of a batch (``features``: precomputed
+        CLIP image features instead of images, for a CLIP-backbone CISP)."""
+        fi = self.encode_image_features(features) if features is not None else self.encode_image(images)
+        fv = self.encode_voxels(voxels)
         logits = self.logit_scale.exp().clamp(max=100.0) * fi @ fv.t()
         labels = torch.arange(fi.shape[0], device=fi.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))

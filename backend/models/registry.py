@@ -513,7 +513,10 @@ class Profile:
 
     def cisp(self):
         """CISP (:class:`backend.models.cisp.CISP`): joint image/voxel embedding + conditioned voxel diffusion."""
-        return self._local_model("cisp", "cisp", "CISP", "tiny")
+        m = self._local_model("cisp", "cisp", "CISP", "tiny")
+        if m.config.image_backbone == "clip" and m.backbone is None:
+            m.attach_backbone(self.clip())  # its image tower is the profile's CLIP (paper 002's pretrained E_i)
+        return m
 
     def _shap_e(self, kind: str):
         from backend.models import shap_e

@@ -72,12 +72,16 @@ class CISPTrainConfig:
     # denoiser also maps the neighbourhood of each training embedding and not only the 1040 x 4 points it sees;
     # a held-out image's embedding falls between them. 0 = off (the runs before session 6).
     cond_noise: float = 0.0
+    # "vit": E_i is a small ViT trained from scratch (the runs before session 7); "clip": the starter CLIP's image
+    # tower, frozen, with a trained MLP head (backend.models.cisp.CISPConfig.image_backbone)
+    image_backbone: str = "vit"
     seed: int = 0
 
-    def model_config(self, embed_dim: int | None = None):
+    def model_config(self, embed_dim: int | None = None, backbone_dim: int = 0):
         from backend.models.cisp import CISPConfig
 
         return CISPConfig(embed_dim=embed_dim or self.embed_dim, image_size=self.image_size,
+                          image_backbone=self.image_backbone if backbone_dim else "vit", backbone_dim=backbone_dim,
                           image_patch=self.image_patch, voxel_res=self.voxel_res, voxel_patch=self.voxel_patch,
                           width=self.width, layers=self.layers, heads=self.heads,
                           unet_channels=tuple(self.unet_channels), cond_tokens=self.cond_tokens,
@@ -123,7 +127,15 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
     rng = np.random.default_rng(cfg.seed)
     vox = pooled_voxels(data, cfg.voxel_res)
     n, v = len(data), data.n_views
-    model = CISP(cfg.model_config()).to(device).train()
+    ftable = None
+    if cfg.image_backbone == "clip":
+        if clip is None:
+            raise ValueError("a CISP with a CLIP image backbone needs the starter CLIP")
+        ftable = embedding_table(data, clip.encode_image, device)  # (N, V, D): the frozen tower, computed once
+        model = CISP(cfg.model_config(backbone_dim=ftable.shape[-1])).to(device).train()
+        model.attach_backbone(clip)
+    else:
+        model = CISP(cfg.model_config()).to(device).train()
     result = TrainResult("cisp")
     if keep_encoders is not None:
         enc = {k: t for k, t in keep_encoders.state_dict().items() if not k.startswith(("denoiser.", "null_cond"))}
@@ -137,7 +149,10 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
     for step in range(cfg.contrastive_steps):
         idx = rng.choice(n, size=min(2 * cfg.batch_size, n), replace=False)  # distinct shapes: clean negatives
         views = rng.integers(0, v, size=len(idx))
-        loss = model.contrastive_loss(_image_batch(data, idx, views).to(device), vox[idx].to(device))
+        if ftable is not None:
+            loss = model.contrastive_loss(None, vox[idx].to(device), features=ftable[idx, views])
+        else:
+            loss = model.contrastive_loss(_image_batch(data, idx, views).to(device), vox[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -153,7 +168,11 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         fv = model.encode_voxels(vox[idx].to(device))
         result.metrics["retrieval_top1"] = float(((fi @ fv.t()).argmax(1).cpu().numpy() == idx).mean())
 
-    table = embedding_table(data, model.encode_image, device)
+    if ftable is not None:
+        with torch.no_grad():
+            table = model.encode_image_features(ftable.flatten(0, 1)).view(n, v, -1)
+    else:
+        table = embedding_table(data, model.encode_image, device)
     d_losses = _train_denoiser(model, lambda idx, views: table[idx, views], vox, n, v, cfg, device,
                                rng_seed=cfg.seed + 1)
     result.diffusion_losses = d_losses  # type: ignore[attr-defined]
@@ -163,8 +182,8 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         result.out_dir = str(model.save(out_dir))
     if clip is not None:
         seed_everything(cfg.seed)
-        base = CISP(cfg.model_config(embed_dim=clip.embed_dim)).to(device).train()
-        ctable = embedding_table(data, clip.encode_image, device)
+        base = CISP(replace(cfg, image_backbone="vit").model_config(embed_dim=clip.embed_dim)).to(device).train()
+        ctable = ftable if ftable is not None else embedding_table(data, clip.encode_image, device)
         result.clip_diffusion_losses = _train_denoiser(  # type: ignore[attr-defined]
             base, lambda idx, views: ctable[idx, views], vox, n, v, cfg, device, rng_seed=cfg.seed + 1)
         base.eval()
@@ -244,6 +263,10 @@ def cli(args) -> int:
         cfg.batch_size = args.batch
     if getattr(args, "cond_noise", None) is not None:
         cfg.cond_noise = args.cond_noise
+    if getattr(args, "image_backbone", None):
+        cfg.image_backbone = args.image_backbone
+        if cfg.image_backbone == "clip" and clip is None:
+            raise FileNotFoundError(f"cisp --image-backbone clip needs the starter CLIP in {clip_dir}; train it first")
     if args.clip_only:
         if clip is None:
             raise FileNotFoundError(f"cisp --clip-only needs the starter CLIP in {clip_dir}; train it first")

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "phase) and retrain the voxel diffusion, and with a starter CLIP its CLIP-conditioned twin")
     p.add_argument("--cond-noise", type=float, default=None,
                    help="cisp: noise mixing of the condition in the voxel diffusion (xi ~ U(0, this); default 0)")
+    p.add_argument("--image-backbone", choices=["vit", "clip"], default=None,
+                   help="cisp: the image tower, a small ViT trained from scratch (vit, default) or the starter CLIP's "
+                        "image tower frozen with a trained head (clip)")
     p.add_argument("--keep-decoder", action="store_true",
                    help="mapper: train M only and leave the shipped SVR decoder as it is (skip the L_D + L_bg "
                         "fine-tuning of D, which an earlier `train mapper` already did)")
