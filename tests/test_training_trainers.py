@@ -299,6 +299,14 @@ def test_cisp_with_a_clip_image_backbone_trains_saves_and_loads_through_the_prof
         assert torch.allclose(e, res.model.encode_image(img), atol=1e-5)  # type: ignore[attr-defined]
     assert model.sample(e, steps=2).shape == (2, 8, 8, 8)
     assert CISP.load(tmp_path / "clipcond").config.image_backbone == "vit"  # the baseline reads CLIP directly
+    head = model.image_encoder
+    assert head.residual and model.config.embed_dim == tiny_clip.embed_dim  # joint space = CLIP's, residual head
+    fresh = CISP(model.config)
+    f = torch.randn(3, tiny_clip.embed_dim)
+    assert torch.allclose(fresh.encode_image_features(f), torch.nn.functional.normalize(f, dim=-1), atol=1e-6)
+    alone = train_cisp(tiny_data, dataclasses.replace(cfg, contrastive_steps=2, diffusion_steps=2), clip=tiny_clip,
+                       clip_out_dir=tmp_path / "none", baseline=False)
+    assert not hasattr(alone, "clip_model") and not (tmp_path / "none").exists()  # --no-baseline: twin untouched
 
     from backend.models import registry
 

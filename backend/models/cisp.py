@@ -95,6 +95,25 @@ class _ViT(nn.Module):
         return self.proj(self.norm(self.blocks(tok)[:, 0]))
 
 
+class _ClipHead(nn.Module):
+    """E_i's trained part on a frozen CLIP image tower: an MLP on the CLIP feature. When the joint space has the
+    CLIP feature's size the head is residual, ``f + MLP(LN(f))`` with the MLP's last layer starting at zero, so
+    the joint embedding starts as the CLIP embedding itself and contrastive training with the voxel encoder adds
+    3D structure to it instead of replacing it (ours: paper 002 fine-tunes its pretrained encoder end to end;
+    a 0.7 M-parameter tower trained on 1040 shapes would over-fit, so it stays frozen and the head learns)."""
+
+    def __init__(self, dim: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.residual = dim == out
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+        if self.residual:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return f + self.mlp(f) if self.residual else self.mlp(f)
+
+
 class _ResBlock3D(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int) -> None:
         super().__init__()
@@ -178,8 +197,7 @@ class CISP(nn.Module):
         if c.image_backbone == "clip":
             if c.backbone_dim <= 0:
                 raise InputError("a CISP with a CLIP image backbone needs backbone_dim (the CLIP embedding size)")
-            self.image_encoder = nn.Sequential(nn.LayerNorm(c.backbone_dim), nn.Linear(c.backbone_dim, 2 * c.width),
-                                               nn.GELU(), nn.Linear(2 * c.width, c.embed_dim))
+            self.image_encoder = _ClipHead(c.backbone_dim, 2 * c.width, c.embed_dim)
         elif c.image_backbone == "vit":
             self.image_encoder = _ViT(2, 3, c.image_size, c.image_patch, c.width, c.layers, c.heads, c.embed_dim)
         else:

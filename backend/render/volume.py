@@ -56,6 +56,22 @@ def ray_box(origins: Tensor, dirs: Tensor, half: float = BBOX) -> tuple[Tensor, 
     return t_near, t_far, t_far > t_near + 1e-9
 
 
+def rand_on(device, shape: tuple, generator: Optional[torch.Generator]) -> Tensor:
+    """``torch.rand(shape)`` on ``device``, reproducible from ``generator``. Large draws for a GPU from a CPU
+    generator (a job's generator lives on the CPU) are made on the GPU by a generator seeded with one draw of the
+    CPU one: drawing 32 M jitter samples per stylize iteration on the CPU and copying them over took most of an
+    H100 iteration (issue 15's profile). Small draws, and draws for a CPU, stay on the generator's device."""
+    device = torch.device(device)
+    gen_dev = generator.device if generator is not None else device
+    n = 1
+    for k in shape:
+        n *= int(k)
+    if device.type != "cpu" and gen_dev.type == "cpu" and n >= 1 << 16:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator, gen_dev = torch.Generator(device).manual_seed(seed), device
+    return torch.rand(shape, generator=generator, device=gen_dev).to(device)
+
+
 def _background(background, n_views: int, height: int, width: int, generator, device, dtype) -> Tensor:
     """Background as (V, H, W, 3)."""
     if isinstance(background, str):
@@ -200,8 +216,7 @@ def render(
     # Sample offsets are drawn up front (outside checkpointed chunks, so recomputation sees the same samples).
     base = torch.arange(n_samples, device=device, dtype=dtype)
     if stratified:
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        jitter = torch.rand(idx.numel(), n_samples, generator=generator, device=gen_dev).to(device, dtype)
+        jitter = rand_on(device, (idx.numel(), n_samples), generator).to(dtype)
     else:
         jitter = torch.full((idx.numel(), n_samples), 0.5, device=device, dtype=dtype)
     u = (base[None] + jitter) / n_samples

@@ -116,10 +116,12 @@ def embedding_table(data: StarterDataset, encode, device: str, batch: int = 256)
 
 
 def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", out_dir: str | Path | None = None,
-               clip=None, clip_out_dir: str | Path | None = None, keep_encoders=None) -> TrainResult:
+               clip=None, clip_out_dir: str | Path | None = None, keep_encoders=None,
+               baseline: bool = True) -> TrainResult:
     """Phases 1 and 2 for CISP; phase 3 (CLIP-conditioned baseline) when ``clip`` is given.
 
     ``keep_encoders``: a trained CISP whose image/voxel encoders and temperature are kept (phase 1 skipped).
+    ``baseline=False`` skips phase 3 (the CLIP-conditioned twin stays as an earlier run trained it).
     """
     from backend.models.cisp import CISP
 
@@ -132,7 +134,8 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         if clip is None:
             raise ValueError("a CISP with a CLIP image backbone needs the starter CLIP")
         ftable = embedding_table(data, clip.encode_image, device)  # (N, V, D): the frozen tower, computed once
-        model = CISP(cfg.model_config(backbone_dim=ftable.shape[-1])).to(device).train()
+        # the joint space keeps the CLIP feature's size, so the head is residual (backend.models.cisp._ClipHead)
+        model = CISP(cfg.model_config(embed_dim=ftable.shape[-1], backbone_dim=ftable.shape[-1])).to(device).train()
         model.attach_backbone(clip)
     else:
         model = CISP(cfg.model_config()).to(device).train()
@@ -180,7 +183,7 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
     result.model = model  # type: ignore[attr-defined]
     if out_dir is not None:
         result.out_dir = str(model.save(out_dir))
-    if clip is not None:
+    if clip is not None and baseline:
         seed_everything(cfg.seed)
         base = CISP(replace(cfg, image_backbone="vit").model_config(embed_dim=clip.embed_dim)).to(device).train()
         ctable = ftable if ftable is not None else embedding_table(data, clip.encode_image, device)
@@ -259,6 +262,8 @@ def cli(args) -> int:
     if args.steps:  # the diffusion phase; the contrastive phase keeps the defaults' ratio (400 : 600)
         cfg.diffusion_steps = args.steps
         cfg.contrastive_steps = max(1, round(args.steps * 2 / 3))
+    if getattr(args, "contrastive_steps", None):
+        cfg.contrastive_steps = args.contrastive_steps
     if args.batch:
         cfg.batch_size = args.batch
     if getattr(args, "cond_noise", None) is not None:
@@ -279,7 +284,7 @@ def cli(args) -> int:
                          + res.summary() + noise_note(cfg))
         return 0
     out = Path(args.out) if args.out else root / "cisp"
-    clip_out = (out.parent / "cisp_clipcond") if clip is not None else None
+    clip_out = (out.parent / "cisp_clipcond") if clip is not None and not getattr(args, "no_baseline", False) else None
     kept, kept_note = None, ""
     if getattr(args, "keep_encoders", False):
         from backend.models.cisp import CISP
@@ -295,7 +300,8 @@ def cli(args) -> int:
             m = re.search(r"contrastive \d+ steps[^)]*\)", notes)
             kept_note = (f"; encoders kept from the run `{prev.get('command', '?')}`"
                          + (f" ({m.group(0)})" if m else ""))
-    res = train_cisp(data, cfg, device=args.device, out_dir=out, clip=clip, clip_out_dir=clip_out, keep_encoders=kept)
+    res = train_cisp(data, cfg, device=args.device, out_dir=out, clip=clip, clip_out_dir=clip_out, keep_encoders=kept,
+                     baseline=clip_out is not None)
     d = res.diffusion_losses  # type: ignore[attr-defined]
     res.metrics["diffusion_loss_first_last"] = f"{np.mean(d[:20]):.4f}->{np.mean(d[-20:]):.4f}"
     head = res.summary() if kept is None else (

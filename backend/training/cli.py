@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-backbone", choices=["vit", "clip"], default=None,
                    help="cisp: the image tower, a small ViT trained from scratch (vit, default) or the starter CLIP's "
                         "image tower frozen with a trained head (clip)")
+    p.add_argument("--contrastive-steps", type=int, default=None,
+                   help="cisp: steps of the contrastive phase (default: 2/3 of --steps)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="cisp: train CISP only; the CLIP-conditioned baseline (cisp_clipcond) stays as it is")
     p.add_argument("--keep-decoder", action="store_true",
                    help="mapper: train M only and leave the shipped SVR decoder as it is (skip the L_D + L_bg "
                         "fine-tuning of D, which an earlier `train mapper` already did)")
