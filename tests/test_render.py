@@ -175,3 +175,18 @@ def test_fast_colour_threshold_matches_full_evaluation():
     assert torch.allclose(fast["rgb"], full["rgb"], atol=2e-3)
     fast["rgb"].mean().backward()
     assert all(p.grad is not None for p in field.color.parameters())
+
+
+def test_rand_on_keeps_cpu_draws_and_is_reproducible():
+    """``rand_on``: a CPU draw is exactly ``torch.rand`` with the job's generator (CPU renders unchanged), and a
+    draw is reproducible from the generator's seed."""
+    import torch
+
+    from backend.render.volume import rand_on
+
+    a = rand_on("cpu", (300, 300), torch.Generator().manual_seed(3))
+    assert torch.equal(a, torch.rand((300, 300), generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(rand_on("cpu", (7,), torch.Generator().manual_seed(1)),
+                       rand_on("cpu", (7,), torch.Generator().manual_seed(1)))
+    b = rand_on("cpu", (4, 5), None)
+    assert b.shape == (4, 5) and float(b.min()) >= 0.0 and float(b.max()) < 1.0
