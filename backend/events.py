@@ -92,6 +92,33 @@ def checkpoint() -> None:
         raise Cancelled(tok.reason or "cancelled by request")
 
 
+def cancellable(fn: Callable[..., Any], *args: Any, poll_s: float = 0.05, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for a single long native call that releases the GIL (SciPy's distance transform at
+    256^3 takes ~3 s): inside a job it runs on a helper thread while this one checks the job's token every
+    ``poll_s``, so a cancel returns within that time; the abandoned call finishes in the background and its result
+    is dropped. Outside a job it is a plain call."""
+    tok = current_cancel()
+    if tok is None:
+        return fn(*args, **kwargs)
+    tok.check()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the job's thread below
+            box["error"] = exc
+
+    th = threading.Thread(target=work, name="stepstone-cancellable", daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(poll_s)
+        tok.check()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 @dataclass
 class MeshInput:
     """A mesh sent with a request (selected Blender object or file), in its local space plus its world matrix."""

@@ -158,3 +158,29 @@ def test_cancel_within_a_second_at_every_stage(client, backend, case):
     if stage is not None:
         assert out["stage_at_end"] == stage, f"{name}: the stage ended on its own before the cancel took effect"
     assert out["latency"] <= CANCEL_BOUND_S, f"{name}: cancelled after {out['latency']:.2f} s"
+
+
+def test_cancellable_native_call_stops_waiting_when_the_job_is_cancelled():
+    """``events.cancellable``: a long call that cannot check the token itself (SciPy's distance transform) runs on
+    a helper thread; the job's thread raises Cancelled as soon as the token is set, without waiting for the call.
+    Outside a job, and when not cancelled, it is the plain call with its result or its exception."""
+    import threading
+
+    import pytest
+
+    from backend.events import CancelToken, Cancelled, cancellable, set_current_cancel
+
+    assert cancellable(lambda a, b=1: a + b, 2, b=3) == 5  # no job: a plain call
+    release = threading.Event()
+    tok = CancelToken()
+    set_current_cancel(tok)
+    try:
+        assert cancellable(lambda: 7) == 7
+        with pytest.raises(ValueError, match="bad"):
+            cancellable(lambda: (_ for _ in ()).throw(ValueError("bad")))
+        threading.Timer(0.2, tok.cancel).start()
+        with pytest.raises(Cancelled):
+            cancellable(release.wait, 60)  # would block for a minute; the cancel ends the wait instead
+    finally:
+        set_current_cancel(None)
+        release.set()

@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 
 from backend.geometry.normalize import Normalization, fit_normalization
 from backend.geometry.validate import check_mesh
+from backend.events import cancellable
 from backend.events import checkpoint as cancel_checkpoint
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def unsigned_distance_grid(
     # Beyond the band: distance to the nearest band voxel plus that voxel's own distance (triangle inequality).
     if not cand.all():
         cancel_checkpoint()
-        dist, nearest = ndimage.distance_transform_edt(~cand, return_indices=True)
+        dist, nearest = cancellable(ndimage.distance_transform_edt, ~cand, return_indices=True)
         far = ~cand
         nb = tuple(nearest[a][far] for a in range(3))
         udf[far] = dist[far] * h + udf[nb]
@@ -166,9 +167,9 @@ def mesh_to_sdf(
     inside = core.copy()
     if core.any():
         cancel_checkpoint()
-        d_core = ndimage.distance_transform_edt(~core)
+        d_core = cancellable(ndimage.distance_transform_edt, ~core)
         cancel_checkpoint()
-        d_out = ndimage.distance_transform_edt(~outside) if outside.any() else np.full(udf.shape, np.inf)
+        d_out = cancellable(ndimage.distance_transform_edt, ~outside) if outside.any() else np.full(udf.shape, np.inf)
         # Side of each blocked voxel: probe 2 voxels away from its closest surface point along the direction to
         # the voxel (a free voxel for locally flat surfaces); if the probe lands on a blocked voxel, the nearer
         # region (inside core or outside) decides.
