@@ -33,10 +33,10 @@ PLAN = {
     "clip": ("clip", [], 256, 0.45),
     "svr": ("svr", [], 64, 1.0),
     "classifier": ("classifier", [], 128, 0.6),
-    "cisp": ("cisp", ["--models", "/nonexistent-no-clip"], 128, 1.0),
+    "cisp": ("cisp", ["--no-baseline"], 128, 0.5),  # its image tower is the CLIP's: after the CLIP
     "cisp_clipcond": ("cisp", ["--clip-only"], 128, 0.5),
 }
-AFTER = {"cisp_clipcond": "clip"}
+AFTER = {"cisp_clipcond": "clip", "cisp": "clip"}
 SUMMARY = re.compile(r"(\d+) steps in ([\d.]+)s")
 
 
@@ -47,7 +47,7 @@ def cmd(name: str, steps: int, out: Path, args, minutes: float = 0.0) -> list[st
          "--out", str(out / name)] + extra
     if what == "clip":
         c += ["--text-cache", args.text_cache]
-    if name == "cisp_clipcond":  # the CLIP trained in this run, else the one in --clip-models
+    if name in ("cisp_clipcond", "cisp"):  # the CLIP trained in this run, else the one in --clip-models
         c += ["--models", str(out) if "clip" in AFTER.values() else args.clip_models]
     if minutes:
         c += ["--minutes", f"{minutes:.2f}"]
@@ -104,12 +104,13 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
     names = [n for n in PLAN if not args.only or n in args.only.split(",")]
     if "clip" not in names:
-        AFTER.pop("cisp_clipcond", None)  # conditioned on the CLIP in --clip-models
+        AFTER.pop("cisp_clipcond", None)  # conditioned on (and reading through) the CLIP in --clip-models
+        AFTER.pop("cisp", None)
     # 1. probe, all at once (clipcond probes on the shipped CLIP: same denoiser cost)
     probe = {}
     for n in names:
         c = cmd(n, args.probe_steps, out / "probe", args)
-        if n == "cisp_clipcond":
+        if n in ("cisp_clipcond", "cisp"):
             c[c.index("--models") + 1] = args.clip_models
         probe[n] = c
     t = time.time()
@@ -122,10 +123,8 @@ def main() -> int:
             print(f"probe of {n} failed:\n{res[n][-3000:]}", flush=True)
             continue
         share = PLAN[n][3] * args.budget
-        if n == "cisp":  # contrastive (2/3 of the steps) + diffusion; both about this rate per step
-            steps[n] = max(args.probe_steps, int(0.85 * share / (r * (1 + 2 / 3))))
-        else:
-            steps[n] = max(args.probe_steps, int(0.85 * share / r))
+        # cisp's contrastive phase is a fixed 150 head steps on cached CLIP features (seconds); the diffusion rules
+        steps[n] = max(args.probe_steps, int(0.85 * share / r))
         print(f"{n}: {r * 1000:.1f} ms/step -> {steps[n]} steps (batch {PLAN[n][2]})", flush=True)
     if "cisp" in steps and "cisp_clipcond" in steps:  # paper 002's comparison: equal diffusion steps and batch
         steps["cisp_clipcond"] = steps["cisp"]

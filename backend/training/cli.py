@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond-noise", type=float, default=None,
                    help="cisp: noise mixing of the condition in the voxel diffusion (xi ~ U(0, this); default 0)")
     p.add_argument("--image-backbone", choices=["vit", "clip"], default=None,
-                   help="cisp: the image tower, a small ViT trained from scratch (vit, default) or the starter CLIP's "
-                        "image tower frozen with a trained head (clip)")
+                   help="cisp: the image tower, the starter CLIP's image tower frozen with a trained residual head "
+                        "(clip, default) or a small ViT trained from scratch (vit, the runs before session 7)")
     p.add_argument("--contrastive-steps", type=int, default=None,
                    help="cisp: steps of the contrastive phase (default: 2/3 of --steps)")
     p.add_argument("--no-baseline", action="store_true",
