@@ -121,7 +121,8 @@ def run(params: dict, ctx: JobContext, seed: int) -> Iterator[Event]:
         terms: dict[str, float] = {}
         for i in range(dc.iterations):
             ctx.cancel.check()
-            terms = opt.step()
+            with ctx.autocast():  # bf16 autocast on CUDA by default, as text_to_shape's Dream3D (issue 15)
+                terms = opt.step()
             yield Progress(stage, i + 1, dc.iterations, " ".join(f"{a}={b:.4f}" for a, b in terms.items()))
             if (i + 1) % every == 0 and i + 1 < dc.iterations:
                 ev = t2s._mesh_event(density_mesh(grid_field, params["preview_resolution"],
