@@ -74,7 +74,7 @@ class CISPTrainConfig:
     # a held-out image's embedding falls between them. 0 = off (the runs before session 6).
     cond_noise: float = 0.0
     # "vit": E_i is a small ViT trained from scratch (the runs before session 7); "clip": the starter CLIP's image
-    # tower, frozen, with a trained MLP head (backend.models.cisp.CISPConfig.image_backbone)
+    # tower, frozen, with a trained residual head (backend.models.cisp.CISPConfig.image_backbone)
     image_backbone: str = "vit"
     seed: int = 0
 
@@ -191,7 +191,7 @@ def train_cisp(data: StarterDataset, cfg: CISPTrainConfig, device: str = "cpu", 
         result.out_dir = str(model.save(out_dir))
     if clip is not None and baseline:
         seed_everything(cfg.seed)
-        base = CISP(replace(cfg, image_backbone="vit").model_config(embed_dim=clip.embed_dim)).to(device).train()
+        base = CISP(cfg.model_config(embed_dim=clip.embed_dim)).to(device).train()  # no backbone_dim: reads CLIP
         ctable = ftable if ftable is not None else embedding_table(data, clip.encode_image, device)
         result.clip_diffusion_losses = _train_denoiser(  # type: ignore[attr-defined]
             base, lambda idx, views: ctable[idx, views], vox, n, v, cfg, device, rng_seed=cfg.seed + 1)
