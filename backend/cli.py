@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from backend.errors import StepstoneError
+from backend.models.device import PRECISIONS
 
 log = logging.getLogger("stepstone")
 
@@ -20,7 +21,7 @@ log = logging.getLogger("stepstone")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="model profile: starter (default), pretrained or tiny")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="mixed precision of the iterative stages: auto = TF32 + bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output GLB file (or folder for several results)")
@@ -54,11 +55,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         params, preset = apply_preset(args.workflow, params, device)
         check_memory(args.workflow, params, preset, device)
     params = wf.validate(params, inputs, profile=profile)
-    from backend.models.device import enable_tf32
+    from backend.models.device import setup_precision
 
-    if device != "cpu" and args.precision != "fp32":
-        enable_tf32(device)
-    ctx = JobContext(profile=profile, device=device, seed=args.seed, precision=args.precision)
+    ctx = JobContext(profile=profile, device=device, seed=args.seed, precision=setup_precision(device, args.precision))
     finals: dict[str, MeshUpdate] = {}
     images: list[Image] = []
     bar = None

@@ -39,6 +39,7 @@ import zmq
 from backend.errors import InputError, StepstoneError
 from backend.intake import Credit, Hello, JobRequest, Submit, parse_request
 from backend.jobs import DONE, TERMINAL, JobManager, JobStore, default_store_dir
+from backend.models.device import PRECISIONS
 from shared import protocol as P
 from shared.client import DEFAULT_CREDIT, FLOW_KINDS
 from shared.connection import default_connection_file, remove_connection_file, write_connection_file
@@ -161,11 +162,9 @@ class Server:
             raise InputError("this pyzmq/libzmq has no CurveZMQ support, so a remote backend cannot be secured")
         # "cpu" needs no torch import here (seconds on a busy machine); "auto"/"cuda" ask torch
         self.device = "cpu" if cfg.device == "cpu" else resolve_device(cfg.device)
-        from backend.models.device import check_precision, enable_tf32
+        from backend.models.device import setup_precision
 
-        self.precision = check_precision(cfg.precision)
-        if self.device != "cpu" and self.precision != "fp32":
-            enable_tf32(self.device)
+        self.precision = setup_precision(self.device, cfg.precision)
         self.profile = load_profile(cfg.profile, device=self.device)
         self._capabilities = self.profile.capabilities()  # computed once, here, not on every hello
         store = JobStore(Path(cfg.store) if cfg.store else default_store_dir())
@@ -700,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", default=None, help="host name remote clients use (written to the connection file)")
     p.add_argument("--profile", default=None, help="model profile: starter (default), pretrained or tiny")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="mixed precision of the iterative stages: auto = TF32 + bf16 autocast on CUDA, fp32 on a CPU")
     p.add_argument("--store", type=Path, default=None, help="job store folder (default: see docs)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")

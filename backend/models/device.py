@@ -39,6 +39,15 @@ def enable_tf32(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def setup_precision(device: str, precision: str | None) -> str:
+    """The backend-wide part of ``--precision`` (``serve`` and ``run``): check the name and turn TF32 on for a
+    CUDA device unless fp32 was asked for; returns the checked name for :func:`autocast`."""
+    precision = check_precision(precision)
+    if device != "cpu" and precision != "fp32":
+        enable_tf32(device)
+    return precision
+
+
 def autocast(device: str, precision: str = "auto"):
     """The mixed-precision context of an iterative stage (issue 15): ``auto`` is bf16 autocast on CUDA and plain
     float32 on a CPU (where the starter models' small matmuls gain nothing from it); ``bf16`` / ``fp16`` ask for

@@ -27,6 +27,7 @@ is bounded too.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -63,10 +64,7 @@ def rand_on(device, shape: tuple, generator: Optional[torch.Generator]) -> Tenso
     H100 iteration (issue 15's profile). Small draws, and draws for a CPU, stay on the generator's device."""
     device = torch.device(device)
     gen_dev = generator.device if generator is not None else device
-    n = 1
-    for k in shape:
-        n *= int(k)
-    if device.type != "cpu" and gen_dev.type == "cpu" and n >= 1 << 16:
+    if device.type != "cpu" and gen_dev.type == "cpu" and math.prod(shape) >= 1 << 16:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         generator, gen_dev = torch.Generator(device).manual_seed(seed), device
     return torch.rand(shape, generator=generator, device=gen_dev).to(device)
