@@ -5,6 +5,9 @@ Real tiny models (open_clip, mapper, SVR decoder, diffusion prior, diffusers bun
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +68,36 @@ def test_clip_consistency_loss_falls_over_stage2(profile):
     # only M' changed: the loaded mapper M is untouched
     assert torch.equal(stage1_latent(mapper, f), mapper(f).detach())
     assert not torch.equal(aligner.latent().detach(), stage1_latent(mapper, f))
+
+
+def test_stage2_moves_the_latent_only_inside_the_mapper_subspace(profile):
+    """``latent_subspace = k``: z - z_1 lies in the span of the mapper's leading k latent directions; k = 0 frees it."""
+    clip, svr = profile.clip(), profile.svr()
+    mapper = copy.deepcopy(profile.mapper())
+    with_basis = type(mapper)(replace(mapper.config, latent_basis=6))
+    with_basis.load_state_dict(mapper.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(3)
+    with_basis.fit_latent_basis(torch.randn(200, mapper.config.out_dim, generator=g)
+                                * torch.linspace(3.0, 0.1, mapper.config.out_dim))
+    f = clip.encode_text(["a red swivel chair"])
+    z1 = stage1_latent(with_basis, f)
+    moved = {}
+    for k in (2, 0):
+        cfg = Stage2Config(iterations=3, views=2, lambda_bg=0.0, lr=0.05, latent_subspace=k, view=VIEW)
+        al = Stage2Aligner(with_basis, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
+        for _ in range(cfg.iterations):
+            al.step()
+        with torch.no_grad():
+            moved[k] = al.latent() - z1
+    b = with_basis.subspace(2)
+    assert b.shape == (2, mapper.config.out_dim)
+    assert float(moved[2].norm()) > 1e-4, "stage 2 must still move z inside the subspace"
+    off = moved[2] - (moved[2] @ b.T) @ b
+    assert float(off.norm()) < 1e-5 * max(1.0, float(moved[2].norm()))
+    off_free = moved[0] - (moved[0] @ b.T) @ b
+    assert float(off_free.norm()) > 1e-3, "without a subspace the update leaves the span"
+    # a mapper without a basis (the tiny profile's, ISS++ as published) is not confined
+    assert profile.mapper().subspace(8) is None
 
 
 def test_background_loss_makes_background_whiter(profile):
@@ -235,8 +268,11 @@ def test_option_validation():
         t2s.validate({"prompt": "x", "tau": 2}, [])
     with pytest.raises(InputError, match="unknown"):
         t2s.validate({"prompt": "x", "colour": "red"}, [])
+    # Eq. 5's blend (tau 0.5, Sec. 4.2) for diverse variants; one shape follows f_T alone (Eq. 4)
+    assert t2s.validate({"prompt": "x", "variants": 3}, [])["tau"] == 0.5
+    assert t2s.validate({"prompt": "x", "tau": 0.3}, [])["tau"] == 0.3
     p = t2s.validate({"prompt": "x"}, [])
-    assert p["tau"] == 0.5 and p["quality"] == "fast" and t2s.stage2_config(p).iterations == 20
+    assert p["tau"] == 0.0 and p["quality"] == "fast" and t2s.stage2_config(p).iterations == 20
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
     assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
     cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise
@@ -323,3 +359,25 @@ def test_colour_pass_in_the_job_and_switched_off(profile):
     assert np.array_equal(a.faces, b.faces) and np.array_equal(a.vertices, b.vertices), "the pass moved the shape"
     with pytest.raises(InputError, match="texture_iterations"):
         t2s.validate({"prompt": "x", "texture_iterations": -1}, [])
+
+
+def test_one_shape_follows_f_t_and_its_colour_pass_the_eq5_blend(profile):
+    """One shape: stage 2's target is f_T (Eq. 4); the colour pass blends a prior sample in (Eq. 5, tau 0.5)."""
+    from dataclasses import replace as dc_replace
+
+    from backend.pipelines.iss_texture import TextureConfig
+
+    clip = profile.clip()
+    f = clip.encode_text(["a tall red chair"])
+    p = t2s.validate({"prompt": "a tall red chair"}, [])
+    targets, _, _ = t2s.consistency_targets(profile, f, 1, p["tau"], 0)
+    assert torch.equal(targets[0], f[0])
+    tc = TextureConfig()
+    colour = t2s.colour_targets(profile, f, 1, p["tau"], targets, tc, 0)
+    assert profile.component("prior").present
+    expected = t2s.consistency_targets(profile, f, 1, tc.tau, 0)[0][0]
+    assert torch.allclose(colour[0], expected) and not torch.allclose(colour[0], f[0])
+    # "text" colours with f_T; variants keep the job's targets (tau 0: identical, so the variants stay equal)
+    assert torch.equal(t2s.colour_targets(profile, f, 1, 0.0, targets, dc_replace(tc, target="text"), 0)[0], f[0])
+    two = [f[0], f[0]]
+    assert t2s.colour_targets(profile, f, 2, 0.0, two, tc, 0) is two

@@ -166,6 +166,10 @@ def test_mapper_trainer_loss_falls(tiny_data, tiny_clip, tmp_path):
     assert res.metrics["bg_last"] <= res.metrics["bg_first"] + 1e-6
     m = Mapper.load(tmp_path / "mapper")
     assert m(torch.zeros(1, tiny_clip.embed_dim)).shape == (1, 16)
+    # the saved M carries the principal directions of the latents it was trained on (for stage 2's subspace)
+    b = m.subspace(cfg.latent_basis)
+    k = min(cfg.latent_basis, 16)
+    assert b is not None and torch.allclose(b[:k] @ b[:k].T, torch.eye(k), atol=1e-4)
 
 
 def test_mapper_trainer_without_decoder_steps_leaves_the_decoder(tiny_data, tiny_clip, tmp_path):

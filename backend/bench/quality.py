@@ -203,7 +203,8 @@ class DefaultJob:
     def run(self, prompt: str, seed: int, variants: int = 1) -> dict:
         from backend.pipelines.iss_stages import Stage2Aligner, stage1_latent
         from backend.pipelines.iss_texture import texture_pass
-        from backend.pipelines.text_to_shape import consistency_targets, stage2_config, texture_config, validate
+        from backend.pipelines.text_to_shape import (colour_targets, consistency_targets, stage2_config,
+                                                     texture_config, validate)
 
         params = validate({"prompt": prompt, **self.overrides, "variants": variants}, [])
         cfg = stage2_config(params, self.device)
@@ -212,6 +213,7 @@ class DefaultJob:
         targets, view_seeds, _ = consistency_targets(self.profile, f_t, variants, params["tau"], seed)
         z1 = stage1_latent(self.mapper, f_t)
         tc = texture_config(params, cfg)
+        tex_targets = colour_targets(self.profile, f_t, variants, params["tau"], targets, tc, seed)
         out = {"f_t": f_t, "stage1": z1, "stage2": [], "final": [], "decoders": [], "stopped": []}
         for k in range(variants):
             gen = torch.Generator().manual_seed(view_seeds[k])
@@ -222,8 +224,7 @@ class DefaultJob:
                 z = al.latent().detach()
             out["stage2"].append(z)
             out["final"].append(z)
-            target = f_t[0] if tc.target == "text" else targets[k]
-            out["decoders"].append(texture_pass(self.decoder, z, self.clip, target, tc, gen, self.device))
+            out["decoders"].append(texture_pass(self.decoder, z, self.clip, tex_targets[k], tc, gen, self.device))
             out["stopped"].append(bool(al.stopped))
         return out
 

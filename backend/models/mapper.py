@@ -33,6 +33,7 @@ class MapperConfig:
     negative_slope: float = 0.02  # LeakyReLU(0.02)
     init_std: float = 0.02   # init="normal": weights ~ N(0, 0.02) (ISS code)
     init: str = "he"         # "he" (Kaiming normal for LeakyReLU) or "normal"
+    latent_basis: int = 0    # rows of the stored basis of the shape-latent space (0: none; see Mapper.latent_basis)
 
 
 class Mapper(nn.Module):
@@ -51,6 +52,10 @@ class Mapper(nn.Module):
             if i < c.n_layers - 1:
                 layers.append(nn.LeakyReLU(c.negative_slope))
         self.net = nn.Sequential(*layers)
+        if c.latent_basis > 0:
+            # principal directions of the SVR latents M was trained on (rows, orthonormal, by falling variance): the
+            # stage-2 aligner confines its update of z to the leading ones (ours; see Stage2Config.latent_subspace)
+            self.register_buffer("latent_basis", torch.zeros(c.latent_basis, c.out_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,6 +72,26 @@ class Mapper(nn.Module):
             raise InputError(f"the mapper expects {self.config.in_dim}-d CLIP features, got {f.shape[-1]}-d "
                              "(the mapper and CLIP come from different profiles?)")
         return self.net(f)
+
+    @torch.no_grad()
+    def fit_latent_basis(self, z_shape: Tensor) -> None:
+        """Store the principal directions of the shape latents ``z_shape`` (N, L) (PCA: right singular vectors of the
+        centred latents, by falling variance) in :attr:`latent_basis`."""
+        if self.config.latent_basis <= 0:
+            raise InputError("this mapper was built without a latent basis (MapperConfig.latent_basis = 0)")
+        z = z_shape.float()
+        _, _, vh = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+        k = min(self.config.latent_basis, vh.shape[0])
+        basis = torch.zeros_like(self.latent_basis)
+        basis[:k] = vh[:k].to(basis)
+        self.latent_basis.copy_(basis)
+
+    def subspace(self, k: int) -> Tensor | None:
+        """The leading ``k`` rows of :attr:`latent_basis` (k, L), or None without a basis or for ``k <= 0``."""
+        basis = getattr(self, "latent_basis", None)
+        if basis is None or k <= 0 or not bool(basis.abs().sum() > 0):
+            return None
+        return basis[: min(int(k), basis.shape[0])]
 
     def regression_loss(self, f_image: Tensor, z_shape: Tensor) -> Tensor:
         """Stage-1 loss L_M (ISS Eq. 2): mean squared distance between M(f_I) and the SVR latent E_S(I)."""

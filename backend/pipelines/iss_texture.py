@@ -42,10 +42,12 @@ class TextureConfig:
     """The colour pass: ISS++ texture stylization (Sec. 3.4.1) with the generation prompt."""
 
     iterations: int = 15  # ours (the paper gives none); 0 switches the pass off
-    target: str = "stage2"  # "stage2": the variant's stage-2 target (Eq. 5's blend of f_T with a diffusion-prior
-    # sample f_{T->I}, an image feature); "text": f_T alone, Eq. 4 with the prompt as ISS++ stylizes with its style
-    # text. Measured (bench quality, first 9 held-out prompts, same shapes): colour right 7/9 with "stage2", 5/9 with
-    # "text": renders match an image-feature target more easily than a text feature (the modality gap ISS bridges)
+    target: str = "blend"  # "blend": Eq. 5's blend of f_T with the variant's diffusion-prior sample f_{T->I} (an
+    # image feature) at weight ``tau``; "text": f_T alone, Eq. 4 with the prompt as ISS++ stylizes with its style
+    # text. Measured (bench quality, first 9 held-out prompts, same shapes): colour right 7/9 with the blend, 5/9
+    # with "text": renders match an image-feature target more easily than a text feature (the modality gap ISS
+    # bridges). Without a diffusion prior the blend is f_T.
+    tau: float = 0.5  # Eq. 5's weight for the colour pass (Sec. 4.2's 0.5), also when stage 2 follows f_T alone
     views: int = 4  # random views per iteration
     resolution: int = 64  # render size (the starter CLIP reads 64 px; larger CLIPs resize)
     n_samples: int = 32  # samples per ray

@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "quality": "fast",
     "method": None,  # None: the profile's route (resolve_route): iss, or dream3d on a Shap-E profile
     "shape_prior": None,  # None: iss, or shap-e on a Shap-E profile
-    "tau": 0.5,  # ISS++ Eq. 5, Sec. 4.2
+    "tau": None,  # ISS++ Eq. 5 (None: 0.5 of Sec. 4.2 for several variants, 0 for one shape: Eq. 4's f_T)
     "iterations": None,  # stage-2 iterations (None: 20, Sec. 4.2)
     "refine_iterations": None,  # SDS iterations (None: SDSConfig default)
     "dream3d_iterations": None,  # Dream3D iterations (None: Dream3DConfig default)
@@ -147,7 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape-prior", choices=SHAPE_PRIORS, default=None,
                         help="Dream3D prior: iss (stage-2 shape), image (text -> image -> shape) or shap-e "
                              "(default: shap-e on the pretrained profile, else iss)")
-    parser.add_argument("--tau", type=float, default=0.5, help="diversity vs. text consistency (Eq. 5), 0..1")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="diversity vs. text consistency (Eq. 5), 0..1 (default: 0.5 with --variants > 1, "
+                             "else 0: one shape follows the text alone, Eq. 4)")
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
     parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
@@ -224,6 +226,8 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
             continue  # the profile's route (resolve_route)
         if out[name] not in choices:
             raise InputError(f"{name} must be one of {', '.join(choices)}, got {out[name]!r}")
+    if out["tau"] is None:  # ISS++: Eq. 5's blend makes variants diverse; one shape follows f_T (Eq. 4)
+        out["tau"] = 0.5 if out["variants"] > 1 else 0.0
     try:
         tau = float(out["tau"])
     except (TypeError, ValueError):
@@ -477,6 +481,21 @@ def consistency_targets(profile: Any, f_text: torch.Tensor, n: int, tau: float,
     return targets, view_seeds, ""
 
 
+def colour_targets(profile: Any, f_text: torch.Tensor, n: int, tau: float, targets: list[torch.Tensor],
+                   tc: TextureConfig, seed: int) -> list[torch.Tensor]:
+    """The colour pass's CLIP target per variant (:attr:`TextureConfig.target`).
+
+    "blend": Eq. 5's blend, which colours better than f_T (see TextureConfig): for one shape whose stage 2 followed
+    f_T alone (Eq. 4, ``tau = 0``) the blend at ``tc.tau`` with the prior sample of the shape's seed; otherwise the
+    stage-2 targets (variants keep the job's tau: 0 makes them identical, more makes them diverse). "text": f_T.
+    """
+    if tc.target == "text":
+        return [f_text[0]] * n
+    if tau > 0 or n > 1 or tc.tau <= 0:
+        return targets
+    return consistency_targets(profile, f_text, n, tc.tau, seed)[0]
+
+
 # --------------------------------------------------------------------------------------------- run
 
 
@@ -520,6 +539,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
     targets, view_seeds, note = consistency_targets(profile, f_text, n, params["tau"], seed)
     if note:
         yield Progress("diversity", 0, 1, note)
+    tc = texture_config(params, s2)
+    tex_targets = (colour_targets(profile, f_text, n, params["tau"], targets, tc, seed)
+                   if params["method"] != "dream3d" and tc.iterations > 0 else targets)
 
     bundle = None
     if params["quality"] == "refined" or (params["method"] == "dream3d" and params["shape_prior"] == "image"):
@@ -568,10 +590,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
             decoder = refiner.decoder
 
         # ---- colour pass: ISS++ texture stylization (Sec. 3.4.1) with the prompt (backend.pipelines.iss_texture)
-        tc = texture_config(params, s2)
         if params["method"] != "dream3d" and tc.iterations > 0:
             ctx.cancel.check()
-            tex = TextureAligner(decoder, z, clip, f_text[0] if tc.target == "text" else targets[k], tc, gen, device)
+            tex = TextureAligner(decoder, z, clip, tex_targets[k], tc, gen, device)
             stage = f"colour {k + 1}/{n}" if n > 1 else "colour"
             t = yield from _iterate(ctx, stage, tc.iterations, tex.step, lambda i: _mesh_event(
                 decoder_mesh(tex.decoder, z, params["preview_resolution"], device, allow_empty=True), name, False,

@@ -55,6 +55,7 @@ class MapperTrainConfig:
     lambda_bg: float = 10.0  # ISS Sec. 4.2
     bg_rays: int = 256
     bg_points_per_ray: int = 8
+    latent_basis: int = 32  # principal directions of the SVR latents stored with M (MapperConfig.latent_basis)
     seed: int = 0
 
 
@@ -138,7 +139,9 @@ def train_mapper(data: StarterDataset, clip, svr, cfg: MapperTrainConfig, device
     svr.eval()
     f_img, z_img = encode_dataset(data, clip, svr, device)
     mapper = Mapper(MapperConfig(in_dim=f_img.shape[1], out_dim=z_img.shape[1], hidden=cfg.hidden,
-                                 n_layers=cfg.n_layers)).to(device).train()
+                                 n_layers=cfg.n_layers, latent_basis=cfg.latent_basis)).to(device).train()
+    if cfg.latent_basis > 0:
+        mapper.fit_latent_basis(z_img)
     opt = torch.optim.Adam(mapper.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
