@@ -268,11 +268,13 @@ def test_option_validation():
         t2s.validate({"prompt": "x", "tau": 2}, [])
     with pytest.raises(InputError, match="unknown"):
         t2s.validate({"prompt": "x", "colour": "red"}, [])
-    # Eq. 5's blend (tau 0.5, Sec. 4.2) for diverse variants; one shape follows f_T alone (Eq. 4)
-    assert t2s.validate({"prompt": "x", "variants": 3}, [])["tau"] == 0.5
     assert t2s.validate({"prompt": "x", "tau": 0.3}, [])["tau"] == 0.3
+    with pytest.raises(InputError, match="latent_subspace"):
+        t2s.validate({"prompt": "x", "latent_subspace": -1}, [])
+    assert t2s.stage2_config(t2s.validate({"prompt": "x", "latent_subspace": 8}, [])).latent_subspace == 8
     p = t2s.validate({"prompt": "x"}, [])
-    assert p["tau"] == 0.0 and p["quality"] == "fast" and t2s.stage2_config(p).iterations == 20
+    assert p["tau"] == 0.5 and p["quality"] == "fast"
+    assert t2s.stage2_config(p).latent_subspace == 0 and t2s.stage2_config(p).lr == 1e-4  # ISS++ as published and t2s.stage2_config(p).iterations == 20
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
     assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
     cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise
@@ -361,15 +363,15 @@ def test_colour_pass_in_the_job_and_switched_off(profile):
         t2s.validate({"prompt": "x", "texture_iterations": -1}, [])
 
 
-def test_one_shape_follows_f_t_and_its_colour_pass_the_eq5_blend(profile):
-    """One shape: stage 2's target is f_T (Eq. 4); the colour pass blends a prior sample in (Eq. 5, tau 0.5)."""
+def test_a_shape_that_follows_f_t_still_gets_the_eq5_blend_in_its_colour_pass(profile):
+    """tau 0, one shape: stage 2's target is f_T (Eq. 4); the colour pass blends a prior sample in (Eq. 5, 0.5)."""
     from dataclasses import replace as dc_replace
 
     from backend.pipelines.iss_texture import TextureConfig
 
     clip = profile.clip()
     f = clip.encode_text(["a tall red chair"])
-    p = t2s.validate({"prompt": "a tall red chair"}, [])
+    p = t2s.validate({"prompt": "a tall red chair", "tau": 0}, [])
     targets, _, _ = t2s.consistency_targets(profile, f, 1, p["tau"], 0)
     assert torch.equal(targets[0], f[0])
     tc = TextureConfig()
@@ -377,7 +379,10 @@ def test_one_shape_follows_f_t_and_its_colour_pass_the_eq5_blend(profile):
     assert profile.component("prior").present
     expected = t2s.consistency_targets(profile, f, 1, tc.tau, 0)[0][0]
     assert torch.allclose(colour[0], expected) and not torch.allclose(colour[0], f[0])
-    # "text" colours with f_T; variants keep the job's targets (tau 0: identical, so the variants stay equal)
+    # the default job (tau 0.5) colours towards its stage-2 blend, "text" towards f_T, and variants keep the job's
+    # targets (tau 0: identical, so the variants stay equal)
+    blended, _, _ = t2s.consistency_targets(profile, f, 1, 0.5, 0)
+    assert t2s.colour_targets(profile, f, 1, 0.5, blended, tc, 0) is blended
     assert torch.equal(t2s.colour_targets(profile, f, 1, 0.0, targets, dc_replace(tc, target="text"), 0)[0], f[0])
     two = [f[0], f[0]]
     assert t2s.colour_targets(profile, f, 2, 0.0, two, tc, 0) is two

@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "quality": "fast",
     "method": None,  # None: the profile's route (resolve_route): iss, or dream3d on a Shap-E profile
     "shape_prior": None,  # None: iss, or shap-e on a Shap-E profile
-    "tau": None,  # ISS++ Eq. 5 (None: 0.5 of Sec. 4.2 for several variants, 0 for one shape: Eq. 4's f_T)
+    "tau": 0.5,  # ISS++ Eq. 5, Sec. 4.2 (0: stage 2 follows f_T alone, Eq. 4)
     "iterations": None,  # stage-2 iterations (None: 20, Sec. 4.2)
     "refine_iterations": None,  # SDS iterations (None: SDSConfig default)
     "dream3d_iterations": None,  # Dream3D iterations (None: Dream3DConfig default)
@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "field_grid": None,  # stage-2 rendering through a decoded grid of this size (None: 0 = direct; 32 on a CPU)
     "n_samples": None,  # samples per ray
     "lr": None,  # stage-2 Adam learning rate (None: 1e-4)
+    "latent_subspace": None,  # stage 2 along the mapper's leading N latent directions (None/0: whole latent, ISS++)
     "grid_resolution": None,  # Dream3D density grid (None: 64)
     "prior_image_steps": None,  # DDIM steps of Dream3D's text -> image prior (None: 30)
     "prior_steps": None,  # Shap-E sampling steps (None: 64)
@@ -107,6 +108,7 @@ _INT_RANGES = {
     "preview_resolution": (8, 256),
     "preview_every": (1, 100000),
     "views": (1, 64),
+    "latent_subspace": (0, 4096),
     "render_resolution": (8, 512),
     "field_grid": (0, 128),
     "n_samples": (2, 512),
@@ -147,9 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape-prior", choices=SHAPE_PRIORS, default=None,
                         help="Dream3D prior: iss (stage-2 shape), image (text -> image -> shape) or shap-e "
                              "(default: shap-e on the pretrained profile, else iss)")
-    parser.add_argument("--tau", type=float, default=None,
-                        help="diversity vs. text consistency (Eq. 5), 0..1 (default: 0.5 with --variants > 1, "
-                             "else 0: one shape follows the text alone, Eq. 4)")
+    parser.add_argument("--tau", type=float, default=0.5, help="diversity vs. text consistency (Eq. 5), 0..1")
+    parser.add_argument("--latent-subspace", type=int, default=None,
+                        help="stage 2 moves the shape latent only along the mapper's leading N principal directions "
+                             "(0 or unset: the whole latent, as ISS++)")
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
     parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
@@ -175,6 +178,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "method": args.method,
         "shape_prior": args.shape_prior,
         "tau": args.tau,
+        "latent_subspace": getattr(args, "latent_subspace", None),
         "iterations": args.iterations,
         "refine_iterations": args.refine_iterations,
         "dream3d_iterations": args.dream3d_iterations,
@@ -226,8 +230,6 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
             continue  # the profile's route (resolve_route)
         if out[name] not in choices:
             raise InputError(f"{name} must be one of {', '.join(choices)}, got {out[name]!r}")
-    if out["tau"] is None:  # ISS++: Eq. 5's blend makes variants diverse; one shape follows f_T (Eq. 4)
-        out["tau"] = 0.5 if out["variants"] > 1 else 0.0
     try:
         tau = float(out["tau"])
     except (TypeError, ValueError):
@@ -331,6 +333,8 @@ def stage2_config(params: dict, device: str = "cuda") -> Stage2Config:
         cfg = replace(cfg, views=params["views"])
     if params.get("lr"):
         cfg = replace(cfg, lr=params["lr"])
+    if params.get("latent_subspace") is not None:
+        cfg = replace(cfg, latent_subspace=params["latent_subspace"])
     return cfg
 
 
