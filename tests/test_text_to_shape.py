@@ -274,7 +274,8 @@ def test_option_validation():
     assert t2s.stage2_config(t2s.validate({"prompt": "x", "latent_subspace": 8}, [])).latent_subspace == 8
     p = t2s.validate({"prompt": "x"}, [])
     assert p["tau"] == 0.5 and p["quality"] == "fast"
-    assert t2s.stage2_config(p).latent_subspace == 0 and t2s.stage2_config(p).lr == 1e-4  # ISS++ as published and t2s.stage2_config(p).iterations == 20
+    assert t2s.stage2_config(p).iterations == 20
+    assert t2s.stage2_config(p).latent_subspace == 0 and t2s.stage2_config(p).lr == 1e-4  # ISS++ as published
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
     assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
     cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise

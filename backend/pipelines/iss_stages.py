@@ -88,7 +88,8 @@ class Stage2Config:
     # principal directions of the shape latents M was trained on (Mapper.latent_basis; 8 hold 75% of their variance
     # in the starter SVR); 0 = the whole latent, ISS++ as published. Session 8 measured k = 8 with f_T as target and
     # lr 5e-5 (job options latent_subspace / tau / lr): stage 2 raised IoU (20 validation prompts 0.530 -> 0.558,
-    # benchmark 0.556 -> 0.558) but the final shapes lost category and colour on the benchmark (13/13 -> 11/13 each)
+    # benchmark 0.556 -> 0.558) but the final shapes lost category and colour on the benchmark (category 13/13 ->
+    # 11/13, colour 12/13 -> 11/13)
     view: ViewConfig = field(default_factory=ViewConfig)
 
 
