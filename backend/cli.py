@@ -91,10 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from backend.geometry.io import export_mesh
 
     paths = _output_paths(args.out, list(finals), args.workflow.replace("-", "_"))
+    textures = {im.label: im.png for im in images}  # a textured final's info["texture"] names its image
     for name, ev in finals.items():
         path = paths[name]
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_mesh(path, ev.vertices, ev.faces, ev.colors)
+        texture = textures.get(str(ev.info.get("texture"))) if ev.uvs is not None else None
+        export_mesh(path, ev.vertices, ev.faces, ev.colors, uvs=ev.uvs, texture=texture)
         extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.info.items())
         print(f"wrote {path} ({len(ev.vertices)} vertices, {len(ev.faces)} faces) {extra}".rstrip())
     if images:

@@ -29,6 +29,9 @@ class MeshUpdate:
 
     vertices float32 (N, 3); faces uint32 (M, 3); colors uint8 (N, 3 or 4) or None; normals float32 (N, 3) or None.
     ``name`` identifies the output slot (one per variant / gallery item) so a client replaces the right object.
+    ``uvs`` float32 (M, 3, 2) or None: a UV map per face corner (v up, Blender's convention); a final mesh with
+    ``uvs`` and ``info["texture"] = label`` is textured by the ``Image`` of that label the job yielded before it
+    (stylize's baked texture, :mod:`backend.pipelines.uv_texture`): the GLB writer and the add-on use it.
     """
 
     vertices: np.ndarray
@@ -38,6 +41,7 @@ class MeshUpdate:
     name: str = "result"
     normals: Optional[np.ndarray] = None
     info: dict[str, Any] = field(default_factory=dict)
+    uvs: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -129,6 +133,7 @@ class MeshInput:
     colors: Optional[np.ndarray] = None
     matrix_world: Optional[np.ndarray] = None  # (4, 4) float64, row-major
     uvs: Optional[np.ndarray] = None  # (M, 3, 2) float32: the active UV map at each face corner (texture baking)
+    texture: Optional[bytes] = None  # PNG of the base-colour texture on ``uvs`` (a textured GLB read back)
 
 
 @dataclass

@@ -191,14 +191,15 @@ class JobStore:
         finally:
             os.close(fd)
 
-    def write_mesh(self, job: Job, ev: MeshUpdate) -> dict:
+    def write_mesh(self, job: Job, ev: MeshUpdate, texture: Optional[bytes] = None) -> dict:
+        """The final mesh as ``<name>.glb`` (with its UV map and ``texture``, a PNG, when it has them)."""
         from backend.geometry.io import export_mesh
 
         fname = safe_name(ev.name) + ".glb"
         d = self.dir(job.id)
         tmp = d / f".tmp-{uuid.uuid4().hex[:8]}.glb"
         try:
-            export_mesh(tmp, ev.vertices, ev.faces, ev.colors)
+            export_mesh(tmp, ev.vertices, ev.faces, ev.colors, uvs=ev.uvs, texture=texture)
             os.chmod(tmp, 0o600)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -293,12 +294,13 @@ class JobStore:
                    error={"code": "damaged", "message": f"job folder {d} is damaged: {what}"})
 
     def load_result(self, job: Job) -> list[tuple[dict, MeshInput]]:
+        """The stored final meshes; a textured one comes with its per-corner ``uvs`` and ``texture`` PNG."""
         from backend.geometry.io import load_mesh
 
         out = []
         for r in job.results:
             path = self.dir(job.id) / r["file"]
-            out.append((r, load_mesh(path, name=r["name"])))
+            out.append((r, load_mesh(path, name=r["name"], textures=True)))
         return out
 
 
@@ -639,6 +641,7 @@ class JobManager:
                          workdir=str(self.store.dir(job.id) / "work"))
         gen = None
         n_images = 0
+        textures: dict[str, bytes] = {}  # images by label: a final mesh's info["texture"] names its texture
         set_current_cancel(job.cancel)  # inner loops (renderer chunks, sampler steps) check it: cancel within 1 s
         try:
             wf = get_workflow(job.workflow)
@@ -652,17 +655,19 @@ class JobManager:
                     self.emit(job.id, P.PROGRESS, fields, None)
                 elif isinstance(ev, MeshUpdate):
                     job.seq += 1
-                    arrays = as_mesh_arrays(ev.vertices, ev.faces, ev.colors, ev.normals)
+                    arrays = as_mesh_arrays(ev.vertices, ev.faces, ev.colors, ev.normals, ev.uvs)
                     info = _jsonable(ev.info)
                     fields = {"job": job.id, "seq": job.seq, "final": bool(ev.final), "name": ev.name, "info": info}
                     self.emit(job.id, P.MESH, fields, arrays)
                     if ev.final:
-                        rec = self.store.write_mesh(job, ev)  # on disk before `done`
+                        tex = textures.get(str(ev.info.get("texture"))) if ev.uvs is not None else None
+                        rec = self.store.write_mesh(job, ev, tex)  # on disk before `done`
                         job.results = [r for r in job.results if r["name"] != ev.name] + [rec]
                         self.store.write_status(job)
                     self.store.log(job.id, {"event": "mesh", "seq": job.seq, "name": ev.name, "final": ev.final,
                                             "vertices": len(ev.vertices), "faces": len(ev.faces), "info": info})
                 elif isinstance(ev, Image):
+                    textures[ev.label] = ev.png
                     fname = self.store.write_image(job, n_images, ev)
                     n_images += 1
                     self.store.log(job.id, {"event": "image", "label": ev.label, "file": fname})

@@ -508,8 +508,16 @@ class Server:
             arrays = {"vertices": mesh.vertices, "faces": mesh.faces}
             if mesh.colors is not None:
                 arrays["colors"] = mesh.colors
+            info = dict(rec.get("info") or {})
+            if mesh.uvs is not None:
+                arrays["uvs"] = np.ascontiguousarray(mesh.uvs, dtype=np.float32)
+                if mesh.texture is not None:  # its texture first, as the job sent it (stylize's baked texture)
+                    label = str(info.get("texture") or f"{rec['name']} texture")
+                    info["texture"] = label
+                    self._post(client, _Out(P.IMAGE, {"job": job.id, "label": label, "replay": True, "ref": ref},
+                                            {"png": np.frombuffer(mesh.texture, dtype=np.uint8)}))
             self._post(client, _Out(P.MESH, {"job": job.id, "seq": seq, "final": True, "name": rec["name"],
-                                             "info": rec.get("info", {}), "replay": True, "ref": ref}, arrays))
+                                             "info": info, "replay": True, "ref": ref}, arrays))
 
     def _post(self, client: str, out: "_Out") -> None:
         """Queue a message for one session from any thread."""

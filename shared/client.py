@@ -332,7 +332,7 @@ class Client:
             try:
                 if "vertices" not in a or "faces" not in a:
                     raise MeshError("mesh message without vertices or faces")
-                validate_mesh(a["vertices"], a["faces"], a.get("colors"), a.get("normals"),
+                validate_mesh(a["vertices"], a["faces"], a.get("colors"), a.get("normals"), uvs=a.get("uvs"),
                               what=f"mesh {msg.fields.get('name')!r} of job {msg.fields.get('job')}", allow_empty=True)
             except MeshError as exc:
                 log.warning("dropped a bad mesh from the backend: %s", exc)

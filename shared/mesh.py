@@ -1,7 +1,7 @@
 """Mesh codec and validation shared by both sides of the wire.
 
 A mesh travels as arrays: ``vertices`` float32 (N, 3), ``faces`` uint32 (M, 3), optional ``colors`` uint8
-(N, 3 or 4) and ``normals`` float32 (N, 3). :func:`validate_mesh` checks shapes, dtypes, finiteness, index range
+(N, 3 or 4), ``normals`` float32 (N, 3) and ``uvs`` float32 (M, 3, 2) (a UV map per face corner, v up). :func:`validate_mesh` checks shapes, dtypes, finiteness, index range
 and size limits and raises :class:`MeshError` with a message a person can act on.
 """
 
@@ -24,8 +24,10 @@ def as_mesh_arrays(
     faces,
     colors=None,
     normals=None,
+    uvs=None,
 ) -> dict[str, np.ndarray]:
-    """Convert array-likes to the wire dtypes (no copy when already right): float32, uint32, uint8, float32.
+    """Convert array-likes to the wire dtypes (no copy when already right): float32, uint32, uint8, float32,
+    float32 (uvs as (M, 3, 2)).
 
     Float colours in [0, 1] are scaled to uint8.
     """
@@ -40,6 +42,8 @@ def as_mesh_arrays(
         out["colors"] = np.ascontiguousarray(c.astype(np.uint8, copy=False))
     if normals is not None:
         out["normals"] = np.ascontiguousarray(np.asarray(normals, dtype=np.float32))
+    if uvs is not None:
+        out["uvs"] = np.ascontiguousarray(np.asarray(uvs, dtype=np.float32).reshape(-1, 3, 2))
     return out
 
 
@@ -52,11 +56,13 @@ def validate_mesh(
     max_faces: int = MAX_FACES,
     what: str = "mesh",
     allow_empty: bool = False,
+    uvs: Optional[np.ndarray] = None,
 ) -> None:
     """Raise :class:`MeshError` unless the arrays form a usable triangle mesh.
 
     Checks: shapes (N,3)/(M,3), numeric dtypes, at least one face (unless ``allow_empty``), the face limit,
-    finite vertex coordinates, face indices inside [0, N), colours/normals with one row per vertex.
+    finite vertex coordinates, face indices inside [0, N), colours/normals with one row per vertex, finite UVs
+    with one (3, 2) block per face.
     """
     v = np.asarray(vertices)
     f = np.asarray(faces)
@@ -68,6 +74,12 @@ def validate_mesh(
         raise MeshError(f"{what}: vertices must be numbers, got dtype {v.dtype}")
     if f.dtype.kind not in "iu":
         raise MeshError(f"{what}: face indices must be integers, got dtype {f.dtype}")
+    if uvs is not None:
+        u = np.asarray(uvs)
+        if u.shape != (len(f), 3, 2):
+            raise MeshError(f"{what}: uvs must have shape ({len(f)}, 3, 2) (per face corner), got {tuple(u.shape)}")
+        if u.dtype.kind != "f" or not np.isfinite(u).all():
+            raise MeshError(f"{what}: uvs must be finite floating-point numbers")
     if len(f) == 0 or len(v) == 0:
         if allow_empty:
             return

@@ -51,7 +51,7 @@ WELCOME = "welcome"  # fields: protocol, backend_id, profile, device, capabiliti
 ACCEPTED = "accepted"  # fields: job, ref (the submit's message id), workflow, position
 REJECTED = "rejected"  # fields: ref, code, message
 PROGRESS = "progress"  # fields: job, stage, step, total, message
-MESH = "mesh"  # fields: job, seq, final, name, info; arrays vertices, faces, colors?, normals?
+MESH = "mesh"  # fields: job, seq, final, name, info; arrays vertices, faces, colors?, normals?, uvs?
 IMAGE = "image"  # fields: job, label; arrays png (uint8 bytes of a PNG file)
 DONE = "done"  # fields: job, results (final mesh names), elapsed_s
 FAILED = "failed"  # fields: job, code, message
@@ -415,8 +415,8 @@ class Decoder:
         return name, arr
 
 
-def mesh_arrays(vertices, faces, colors=None, normals=None) -> dict[str, np.ndarray]:
+def mesh_arrays(vertices, faces, colors=None, normals=None, uvs=None) -> dict[str, np.ndarray]:
     """The arrays of a ``mesh`` message in wire dtypes (see :func:`shared.mesh.as_mesh_arrays`)."""
     from .mesh import as_mesh_arrays
 
-    return as_mesh_arrays(vertices, faces, colors, normals)
+    return as_mesh_arrays(vertices, faces, colors, normals, uvs)

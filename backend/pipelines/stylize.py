@@ -323,43 +323,6 @@ def bake_vertex_colors(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, b
     return _to_u8(out)
 
 
-def _uv_texels(uvs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rasterise per-corner UV triangles (M, 3, 2) into a ``size`` x ``size`` image: for every covered texel its
-    row, column, triangle and barycentric weights (texel centres; row 0 is the top of the image, v = 1)."""
-    rows, cols, tris, bary = [], [], [], []
-    uv = np.asarray(uvs, dtype=np.float64) * size  # pixel units; v up
-    for t in range(len(uv)):
-        if t % 256 == 0:
-            cancel_checkpoint()
-        a, b, c = uv[t]
-        lo = np.floor(np.minimum(np.minimum(a, b), c) - 0.5).astype(int)
-        hi = np.ceil(np.maximum(np.maximum(a, b), c) + 0.5).astype(int)
-        lo = np.clip(lo, 0, size - 1)
-        hi = np.clip(hi, 0, size - 1)
-        if (hi < lo).any():
-            continue
-        xs, ys = np.meshgrid(np.arange(lo[0], hi[0] + 1) + 0.5, np.arange(lo[1], hi[1] + 1) + 0.5, indexing="xy")
-        px, py = xs.ravel(), ys.ravel()
-        den = (b[1] - c[1]) * (a[0] - c[0]) + (c[0] - b[0]) * (a[1] - c[1])
-        if abs(den) < 1e-12:
-            continue
-        w0 = ((b[1] - c[1]) * (px - c[0]) + (c[0] - b[0]) * (py - c[1])) / den
-        w1 = ((c[1] - a[1]) * (px - c[0]) + (a[0] - c[0]) * (py - c[1])) / den
-        w2 = 1.0 - w0 - w1
-        eps = -1e-6
-        inside = (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
-        if not inside.any():
-            continue
-        rows.append((size - 1 - np.floor(py[inside])).astype(np.int64))
-        cols.append(np.floor(px[inside]).astype(np.int64))
-        tris.append(np.full(int(inside.sum()), t, dtype=np.int64))
-        bary.append(np.stack([w0[inside], w1[inside], w2[inside]], axis=1))
-    if not rows:
-        z = np.zeros(0, np.int64)
-        return z, z, z, np.zeros((0, 3))
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(tris), np.concatenate(bary)
-
-
 @torch.no_grad()
 def bake_texture(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: int, beta: float,
                  device: str, chunk: int = 65_536) -> np.ndarray:
@@ -367,47 +330,32 @@ def bake_texture(color_fn, vertices_unit: np.ndarray, faces: np.ndarray, uvs: np
     which are padded by a few texels so mip-mapping and filtering do not bleed the background in).
 
     Each covered texel takes the colour of its surface point (barycentric on its triangle, unit cube), averaged
-    over ``beta / 2`` in front and behind along the face normal, like :func:`bake_vertex_colors`."""
-    from scipy import ndimage
+    over ``beta / 2`` in front and behind along the face normal, like :func:`bake_vertex_colors`. The rasterising
+    and padding are :func:`backend.geometry.texture.bake_image`, shared with the generated results' textures."""
+    from backend.geometry.texture import bake_image, surface_points
 
     v = np.asarray(vertices_unit, dtype=np.float64)
     f = np.asarray(faces, dtype=np.int64)
-    r, c, t, w = _uv_texels(uvs, size)
-    tri = v[f[t]]  # (K, 3, 3)
-    pts = np.einsum("kj,kjd->kd", w, tri)
-    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    rgb = np.zeros((len(pts), 3))
     offs = (-0.5 * beta, 0.0, 0.5 * beta)
-    for s in range(0, len(pts), chunk):
-        cancel_checkpoint()
-        p = torch.as_tensor(pts[s : s + chunk], dtype=torch.float32, device=device)
-        nn_ = torch.as_tensor(n[s : s + chunk], dtype=torch.float32, device=device)
+
+    def sampler(t: np.ndarray, w: np.ndarray) -> np.ndarray:
+        tri = v[f[t]]
+        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+        p = torch.as_tensor(surface_points(v, f, t, w), dtype=torch.float32, device=device)
+        nn_ = torch.as_tensor(n, dtype=torch.float32, device=device)
         acc = torch.zeros_like(p)
         for o in offs:
             acc += color_fn((p + o * nn_).clamp(-0.5, 0.5))
-        rgb[s : s + chunk] = (acc / len(offs)).cpu().numpy()
-    img = np.zeros((size, size, 4), dtype=np.uint8)
-    img[r, c, :3] = _to_u8(rgb)
-    img[r, c, 3] = 255
-    covered = img[..., 3] > 0
-    if covered.any() and not covered.all():
-        cancel_checkpoint()
-        dist, (ir, ic) = ndimage.distance_transform_edt(~covered, return_indices=True)
-        pad = (~covered) & (dist <= max(2, size // 128))
-        img[pad, :3] = img[ir[pad], ic[pad], :3]
-        img[pad, 3] = 255
-    return img
+        return (acc / len(offs)).float().cpu().numpy()
+
+    return bake_image(uvs, size, sampler, chunk=chunk)
 
 
 def _png(rgba: np.ndarray) -> bytes:
-    import io
+    from backend.geometry.texture import png_bytes
 
-    from PIL import Image as PILImage
-
-    buf = io.BytesIO()
-    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(rgba)
 
 
 def _occupancy_grid(field, beta: float) -> Tensor:
@@ -715,6 +663,7 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         if mesh.uvs is not None and cfg.texture_size > 0:
             out.info["texture"] = "baked texture"
             out.info["texture_size"] = cfg.texture_size
+            out.uvs = np.asarray(mesh.uvs, dtype=np.float32)  # so the stored GLB keeps the UV map and texture
     else:
         out = st.remeshed(cfg.output_resolution or cfg.grid_resolution, final=True)
         if len(out.faces) == 0:
