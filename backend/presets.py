@@ -42,15 +42,18 @@ STYLIZE = {
 }
 
 # text-to-shape: job options of backend.pipelines.text_to_shape (stage 2 renders with checkpointed chunks).
+# ``texture_size`` / ``texture_faces``: the baked texture and face budget of a result with ``uv_texture`` on (off by
+# default; backend.pipelines.uv_texture): unwrapping 8k / 20k / 30k faces takes about 0.6 / 2-4 / 5-10 s on a CPU.
 TEXT_TO_SHAPE = {
     "draft": {"iterations": 10, "views": 2, "render_resolution": 48, "n_samples": 24, "field_grid": 32,
-              "resolution": 96, "preview_resolution": 24, "texture_iterations": 8},
+              "resolution": 96, "preview_resolution": 24, "texture_iterations": 8,
+              "texture_size": 256, "texture_faces": 8000},
     # the CPU view settings of text_to_shape.CPU_VIEW_DEFAULTS, 20 iterations (ISS++ Sec. 4.2)
     "standard": {"iterations": 20, "views": 4, "render_resolution": 64, "n_samples": 32, "field_grid": 32,
-                 "resolution": 128},
+                 "resolution": 128, "texture_size": 512, "texture_faces": 20000},
     # ISS++ Sec. 4.2 / the official code: 10 views at 90^2, 48 samples, the decoder queried at every sample
     "paper": {"iterations": 20, "views": 10, "render_resolution": 90, "n_samples": 48, "field_grid": 0,
-              "resolution": 128},
+              "resolution": 128, "texture_size": 1024, "texture_faces": 30000},
 }
 
 # gallery: (the workflow's own preset, config overrides on top of it)

@@ -89,6 +89,12 @@ CASES = [
     ("text-to-shape-stage2", "text-to-shape", {"prompt": "a chair", "iterations": 1000, "views": 1,
                                                "render_resolution": 24, "n_samples": 12, "resolution": 32,
                                                "preview_every": 1000}, [], None),
+    # issue 16: cancelled while xatlas unwraps a 50k-face result in its child process (or while it is baked)
+    ("text-to-shape-uv-texture", "text-to-shape", {"prompt": "a chair", "iterations": 1, "views": 1,
+                                                   "render_resolution": 24, "n_samples": 12, "resolution": 128,
+                                                   "texture_iterations": 0, "preview_every": 1000,
+                                                   "uv_texture": True, "texture_faces": 50000,
+                                                   "texture_size": 2048}, [], "texture"),
     ("image-to-shape-lift", "image-to-shape", {"image_png": _png(), "method": "svr",
                                                "config": {"mesh_resolution": 256}}, [], "lift"),
 ]

@@ -39,6 +39,7 @@ from torch import Tensor
 from backend.errors import InputError, ModelUnavailable
 from backend.events import Event, JobContext, MeshInput, MeshUpdate, Progress
 from backend.events import checkpoint as cancel_checkpoint
+from backend.pipelines import uv_texture
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance weight (CISP w, Shap-E's guidance scale)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (CISP voxel diffusion, Shap-E)")
     parser.add_argument("--resolution", type=int, default=64, help="marching-cubes grid resolution (SVR, Shap-E)")
+    uv_texture.add_arguments(parser)
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
@@ -299,6 +301,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "image_name": path.stem,
         "method": args.method,
         "config": {"guidance_scale": args.guidance, "steps": args.steps, "mesh_resolution": args.resolution},
+        **uv_texture.params_from_args(args),
     }
     return params, []
 
@@ -317,6 +320,7 @@ def validate(params: dict, inputs: list, profile: Any = None) -> dict:
     out = dict(params)
     out["method"] = cfg.method
     out["config"] = asdict(cfg)
+    out.update(uv_texture.check_options(params, NAME))  # issue 16: UV map + baked texture (off by default)
     if profile is not None:
         choose_method(profile, cfg.method)
     return out
@@ -332,5 +336,7 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
     ctx.cancel.check()
     yield Progress("lift", 1, 1, f"{len(shape.faces)} faces ({shape.method})")
     info = {"method": shape.method, **shape.info}
-    yield MeshUpdate(shape.vertices, shape.faces, shape.colors, final=True,
-                     name=str(params.get("image_name") or "shape"), info=info)
+    # the lifted mesh's vertex colours are what the texture bakes (each lifting route has its own field)
+    yield from uv_texture.finish(MeshUpdate(shape.vertices, shape.faces, shape.colors, final=True,
+                                            name=str(params.get("image_name") or "shape"), info=info),
+                                 uv_texture.options(params))

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from backend.events import Event, JobContext, MeshUpdate, Progress
+from backend.fields import field_color_fn
 from backend.models.shap_e import DEFAULT_STEPS, prior_sdf
+from backend.pipelines import uv_texture
 from backend.pipelines.dream3d import Dream3DOptimizer, density_mesh, init_density_grid, surface_level
 
 DREAM3D_ITERATIONS = 300
@@ -135,4 +137,6 @@ def run(params: dict, ctx: JobContext, seed: int) -> Iterator[Event]:
         info["prior_iou"] = _iou(opt.occupancy(), sdf < 0)  # how much of the Shap-E shape Eq. 4 kept
         info["dream3d_iterations"] = dc.iterations
         mesh = density_mesh(grid_field, params["resolution"], surface_level(grid_field, dc), device)
-        yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
+        yield from uv_texture.finish(  # issue 16: UV map + baked texture when the job asks for one
+            MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info),
+            uv_texture.options(params), field_color_fn(grid_field, device=device))

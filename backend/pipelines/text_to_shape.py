@@ -40,6 +40,7 @@ import torch
 
 from backend.errors import InputError, ModelUnavailable
 from backend.events import Event, Image, JobContext, MeshInput, MeshUpdate, Progress
+from backend.fields import field_color_fn
 from backend.losses.clip_consistency import blend_target
 from backend.pipelines.dream3d import (
     Dream3DConfig,
@@ -60,6 +61,7 @@ from backend.pipelines.iss_stages import (
     sample_diversity_features,
     stage1_latent,
 )
+from backend.pipelines import uv_texture
 from backend.pipelines.iss_texture import TextureAligner, TextureConfig
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,10 @@ DEFAULTS: dict[str, Any] = {
     "prior_steps": None,  # Shap-E sampling steps (None: 64)
     "prior_guidance": None,  # Shap-E classifier-free guidance (None: 15)
     "prior_resolution": None,  # Shap-E decoding grid (None: 128 on a GPU, 64 on a CPU)
+    # pipeline-ready finals (issue 16, backend.pipelines.uv_texture): decimate, unwrap UVs, bake a texture
+    "uv_texture": False,
+    "texture_size": None,  # None: the preset's (256 / 512 / 1024), else 512
+    "texture_faces": None,  # None: the preset's (8k / 20k / 30k faces), else 20k
 }
 
 _INT_RANGES = {
@@ -167,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-steps", type=int, default=None, help="Shap-E sampling steps (default 64)")
     parser.add_argument("--prior-resolution", type=int, default=None,
                         help="Shap-E decoding grid (default 128 on a GPU, 64 on a CPU)")
+    uv_texture.add_arguments(parser)
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
@@ -190,6 +197,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "grid_resolution": getattr(args, "grid_resolution", None),
         "prior_steps": getattr(args, "prior_steps", None),
         "prior_resolution": getattr(args, "prior_resolution", None),
+        **uv_texture.params_from_args(args),
     }
     return params, []
 
@@ -223,6 +231,7 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
     out["prompt"] = normalize_prompt(params["prompt"])
     for name in _INT_RANGES:
         out[name] = _as_int(name, out.get(name))
+    out.update(uv_texture.check_options(out, NAME))
     if out["seed"] is not None:
         out["seed"] = _as_int("seed", out["seed"])
     for name, choices in (("quality", QUALITIES), ("method", METHODS), ("shape_prior", SHAPE_PRIORS)):
@@ -408,6 +417,27 @@ def prompt_truncation(clip: Any, prompt: str) -> Optional[str]:
     return tok.decode(ids[:room]).strip()
 
 
+def decoder_color_fn(decoder: Any, z: torch.Tensor, device: str, chunk: int = 16384):
+    """The SVR decoder's colour D_c at points (N, 3) of the unit cube -> (N, 3) float in [0, 1] (the colours
+    :func:`decoder_mesh` gives the vertices): what a UV texture bakes (:mod:`backend.pipelines.uv_texture`)."""
+    import numpy as np
+
+    from backend.events import checkpoint as cancel_checkpoint
+
+    zz = z.reshape(1, -1).to(device)
+
+    @torch.no_grad()
+    def color_fn(points):
+        p = torch.as_tensor(np.asarray(points, dtype=np.float32), device=device)[None]
+        cols = []
+        for s in range(0, p.shape[1], chunk):
+            cancel_checkpoint()
+            cols.append(decoder(p[:, s:s + chunk], zz)[1][0].float().cpu())
+        return torch.cat(cols).clamp(0, 1).numpy() if cols else np.zeros((0, 3), np.float32)
+
+    return color_fn
+
+
 def _mesh_event(mesh, name: str, final: bool, info: dict) -> Optional[MeshUpdate]:
     v, f, c = mesh
     if len(f) == 0:
@@ -553,6 +583,7 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         bundle = profile.diffusion()
 
     every = params["preview_every"]
+    tex_opts = uv_texture.options(params)
     for k in range(n):
         name = f"variant_{k}"
         gen = torch.Generator().manual_seed(view_seeds[k])
@@ -607,7 +638,9 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
         if params["method"] != "dream3d":
             ctx.cancel.check()
             mesh = decoder_mesh(decoder, z, params["resolution"], device)
-            yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
+            yield from uv_texture.finish(
+                MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info),
+                tex_opts, decoder_color_fn(decoder, z, device))
             continue
 
         # ---- Dream3D route (paper 001, Sec. 3.1, appendix D)
@@ -628,4 +661,6 @@ def run(params: dict, inputs: list[MeshInput], ctx: JobContext) -> Iterator[Even
                          allow_empty=True), name, False, dict(info, stage="dream3d")), every)
         ctx.cancel.check()
         mesh = density_mesh(grid_field, params["resolution"], surface_level(grid_field, dc), device)
-        yield MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info)
+        yield from uv_texture.finish(
+            MeshUpdate(vertices=mesh[0], faces=mesh[1], colors=mesh[2], final=True, name=name, info=info),
+            tex_opts, field_color_fn(grid_field, device=device))

@@ -48,6 +48,7 @@ from backend.errors import InputError, ModelUnavailable
 from backend.events import Event, Image, JobContext, MeshInput, MeshUpdate, Progress
 from backend.losses.dsd import DSDConfig, ScorePrior
 from backend.pipelines import image_to_shape as i2s
+from backend.pipelines import uv_texture
 from backend.pipelines.theme import concepts as cpt
 from backend.pipelines.theme import scores as sc
 from backend.pipelines.theme.finetune import FinetuneConfig, TunedPrior, finetune, view_word
@@ -177,6 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="DSD iterations (overrides the preset)")
     parser.add_argument("--config", default=None, metavar="JSON",
                         help='stage sizes as JSON, e.g. \'{"optimize": {"resolution": 256}}\' (see GalleryConfig)')
+    uv_texture.add_arguments(parser)
 
 
 def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
@@ -197,7 +199,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
     if args.iterations is not None:
         config.setdefault("optimize", {})["iterations"] = args.iterations
     params = {"count": args.count, "subjects": list(args.subject), "theme_subject": args.theme_subject,
-              "preset": args.preset, "config": config}
+              "preset": args.preset, "config": config, **uv_texture.params_from_args(args)}
     return params, inputs
 
 
@@ -208,7 +210,7 @@ def validate(params: dict, inputs: list, profile: Any = None) -> dict:
     """Check exemplars (1..16 usable meshes under the face limit), count, subjects and the config."""
     if not isinstance(params, dict):
         raise InputError("gallery: params must be a mapping")
-    known = {"count", "subjects", "theme_subject", "preset", "config", "max_faces", "seed"}
+    known = {"count", "subjects", "theme_subject", "preset", "config", "max_faces", "seed", *uv_texture.OPTIONS}
     unknown = set(params) - known
     if unknown:
         raise InputError(f"gallery: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -245,7 +247,7 @@ def validate(params: dict, inputs: list, profile: Any = None) -> dict:
     if profile is not None:
         _check_profile(profile, cfg)
     return {"count": count, "subjects": subjects, "theme_subject": (theme or "").strip() or None, "preset": preset,
-            "config": overrides, "max_faces": max_faces}
+            "config": overrides, "max_faces": max_faces, **uv_texture.check_options(params, "gallery")}
 
 
 def default_preset(profile: Any) -> str:
@@ -418,7 +420,9 @@ def run(params: dict, inputs: list, ctx: JobContext) -> Iterator[Event]:
             info = {"subject": subject, "concept": i, "method": shape.method, "stage": "final",
                     "world_scale": float(world_scale)}
             info.update(_scores(fld, v, f, clip, cisp, ex_clip, ex_cisp, finished_emb, cfg, gen, device))
-            yield MeshUpdate(mesh_to_world(v, world_scale, init_norm), f, c, final=True, name=name, info=info)
+            yield from uv_texture.finish(  # issue 16: UV map + texture baked from the vertex colours, if asked
+                MeshUpdate(mesh_to_world(v, world_scale, init_norm), f, c, final=True, name=name, info=info),
+                uv_texture.options(params))
             del fld
         yield Progress("gallery", count, count, "gallery done")
     finally:
