@@ -63,6 +63,7 @@ class JobRecord:
     cleanup_pending: bool = False  # failed/cancelled: remove its unfinished previews once the stream is drained
     source_mesh: Optional[str] = None  # replace_source: the artist's original mesh datablock
     baked_image: Optional[str] = None  # stylize texture mode: the baked image texture's datablock
+    textures: dict = field(default_factory=dict)  # image label -> datablock name (a result's info["texture"])
 
     @property
     def key(self) -> str:

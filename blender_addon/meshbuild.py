@@ -23,6 +23,7 @@ from .meshprep import MeshError, PreparedMesh, prepare_mesh
 log = logging.getLogger("stepstone.addon")
 
 COLOR_ATTRIBUTE = "Col"
+UV_MAP = "UVMap"  # the UV map of a result that came with UVs (a baked texture on it)
 SYNC_PREP_FACES = 20_000  # below this, preparing inline is cheaper than a thread hand-off
 
 
@@ -63,7 +64,7 @@ class MeshBuild:
         stages += [self._positions, self._edges, self._corner_verts, self._corner_edges]
         if not self.in_place:
             stages.append(self._face_offsets)
-        stages += [self._colors, self._finish]
+        stages += [self._colors, self._uvs, self._finish]
         self._stages = stages
         self._i = 0
 
@@ -146,6 +147,14 @@ class MeshBuild:
         except (AttributeError, TypeError):  # older Blender
             pass
 
+    def _uvs(self) -> None:
+        if self.p.uvs is None:
+            return
+        me = self.mesh
+        layer = me.uv_layers.get(UV_MAP) or me.uv_layers.new(name=UV_MAP)
+        layer.uv.foreach_set("vector", self.p.uvs)
+        me.uv_layers.active = layer
+
     def _finish(self) -> None:
         me = self.mesh
         if self.smooth and self.p.n_faces:
@@ -166,6 +175,7 @@ class MeshUpdateItem:
     faces: np.ndarray
     colors: Optional[np.ndarray]
     replay: bool = False
+    uvs: Optional[np.ndarray] = None  # (M, 3, 2) a UV per face corner
     superseded: bool = False
     received: float = field(default_factory=time.perf_counter)
     future: Optional[Future] = None
@@ -243,7 +253,8 @@ class StreamQueue:
         return self._executor
 
     def _prepare(self, item: MeshUpdateItem) -> PreparedMesh:
-        return prepare_mesh(item.slot, item.vertices, item.faces, item.colors, max_faces=self.max_faces)
+        return prepare_mesh(item.slot, item.vertices, item.faces, item.colors, max_faces=self.max_faces,
+                            uvs=item.uvs)
 
     def work(self, deadline: float) -> None:
         """Advance builds until ``deadline`` (``time.perf_counter()`` value); at least one stage per call."""
@@ -296,7 +307,7 @@ class StreamQueue:
                 self.fail(item, f"could not read the mesh: {exc}")
                 continue
             item.prepared = prepared
-            item.vertices = item.faces = item.colors = None  # type: ignore[assignment]  # release the frames
+            item.vertices = item.faces = item.colors = item.uvs = None  # type: ignore[assignment]  # release the frames
             reuse = self.current(item) if self.current is not None else None
             build = MeshBuild(prepared, f"{item.slot}", reuse=reuse)
             self.in_place_updates += int(build.in_place)

@@ -37,6 +37,7 @@ class PreparedMesh:
     n_vertices: int
     n_faces: int
     n_edges: int
+    uvs: Optional[np.ndarray] = None  # float32 (M*3*2,) a UV per face corner (corner order = face order), or None
 
     @property
     def n_corners(self) -> int:
@@ -81,6 +82,7 @@ def prepare_mesh(
     colors: Optional[np.ndarray] = None,
     *,
     max_faces: Optional[int] = None,
+    uvs: Optional[np.ndarray] = None,
 ) -> PreparedMesh:
     """Validate a wire mesh and lay it out for Blender; raises :class:`shared.mesh.MeshError` when unusable.
 
@@ -88,7 +90,7 @@ def prepare_mesh(
     crash it rather than raise.
     """
     kw = {} if max_faces is None else {"max_faces": max_faces}
-    validate_mesh(vertices, faces, colors, what=f"mesh {name!r}", allow_empty=True, **kw)
+    validate_mesh(vertices, faces, colors, what=f"mesh {name!r}", allow_empty=True, uvs=uvs, **kw)
     v = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1)
     f = np.ascontiguousarray(faces).astype(np.int32, copy=False)
     n_v = len(v) // 3
@@ -111,6 +113,7 @@ def prepare_mesh(
         n_vertices=n_v,
         n_faces=n_f,
         n_edges=len(edge_verts),
+        uvs=None if uvs is None or not n_f else np.ascontiguousarray(uvs, dtype=np.float32).reshape(-1),
     )
 
 

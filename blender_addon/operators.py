@@ -178,6 +178,8 @@ class STEPSTONE_OT_generate(bpy.types.Operator):
             self.report({"WARNING"}, warn)
         params = _with_preset({"prompt": prompt, "variants": int(st.variants), "quality": st.quality,
                                "seed": int(st.seed)}, st.t2s_preset)
+        if st.uv_texture:  # only when on: a backend without the option still takes the plain request
+            params["uv_texture"] = True
         placement = Placement(collection=f"Stepstone: {prompt}",
                               origin=_grid_origin(context, int(st.variants), float(st.spacing)),
                               spacing=float(st.spacing), columns=grid_columns(st.variants))
@@ -326,6 +328,8 @@ class STEPSTONE_OT_image_to_shape(bpy.types.Operator):
 
         params = {"image_png": base64.b64encode(png).decode("ascii"), "image_name": textfit.fit_bytes(name, 48),
                   "seed": int(st.seed)}
+        if st.uv_texture:
+            params["uv_texture"] = True
         placement = Placement(collection=f"Stepstone: {name}", origin=_grid_origin(context, 1, float(st.spacing)),
                               spacing=float(st.spacing))
         return _submit(self, "image-to-shape", params, None, textfit.fit_bytes(name, 48), placement)

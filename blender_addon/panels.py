@@ -79,6 +79,7 @@ class STEPSTONE_PT_generate(_Panel, bpy.types.Panel):
         row.prop(st, "variants")
         row.prop(st, "seed")
         layout.prop(st, "quality", expand=True)
+        layout.prop(st, "uv_texture")
         preset_ui(layout, context, st, "t2s_preset", "text-to-shape")
         warn = textfit.prompt_warning(st.prompt, str(_session.get().welcome.get("profile", "")))
         if warn:
@@ -136,6 +137,7 @@ class STEPSTONE_PT_image(_Panel, bpy.types.Panel):
             layout.template_ID(st, "image", open="image.open")
         else:
             layout.prop(st, "image_path", text="")
+        layout.prop(st, "uv_texture")
         layout.operator("stepstone.image_to_shape", icon="IMAGE_DATA")
 
 

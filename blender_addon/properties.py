@@ -38,6 +38,12 @@ class STEPSTONE_PG_settings(bpy.types.PropertyGroup):
     t2s_preset: EnumProperty(name="Preset", items=PRESETS, default="auto",
                              description="Quality preset (views, resolution, iterations); Auto fits this backend")
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed and prompt give the same result")
+    uv_texture: BoolProperty(
+        name="UV texture", default=False,
+        description="Pipeline-ready results: decimated to the preset's face budget, with a UV map and the colours "
+                    "baked into an image texture (a material with the image as Base Color); the colour attribute "
+                    "stays. Adds a few seconds per result",
+    )
     # Stylize selected
     style: StringProperty(name="Style", default="made of rusty metal",
                           description="Text that describes the new look, e.g. 'a golden statue'")

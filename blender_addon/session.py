@@ -19,7 +19,7 @@ import numpy as np
 
 from .jobs import FINISHED_STATES, JobRecord, Placement, grid_offset
 from .local_backend import LocalBackend
-from .meshbuild import MeshUpdateItem, StreamQueue
+from .meshbuild import UV_MAP, MeshUpdateItem, StreamQueue
 from . import scene, textfit
 
 log = logging.getLogger("stepstone.addon")
@@ -465,7 +465,7 @@ class Session:
         self.stream.push(MeshUpdateItem(
             job=job.key, slot=str(f.get("name") or "result"), final=bool(f.get("final")), seq=int(f.get("seq", 0)),
             info=dict(f.get("info") or {}), vertices=a["vertices"], faces=a["faces"], colors=a.get("colors"),
-            replay=bool(f.get("replay")),
+            replay=bool(f.get("replay")), uvs=a.get("uvs"),
         ))
 
     def _on_image(self, msg, f) -> None:
@@ -484,6 +484,7 @@ class Session:
             return
         if job is not None:
             job.images.append(img.name)
+            job.textures[label] = img.name
             if label == "baked texture":
                 job.baked_image = img.name
 
@@ -575,6 +576,13 @@ class Session:
                 if me.users == 0:
                     bpy.data.meshes.remove(me)
                 return
+        if item.final and me.uv_layers.get(UV_MAP) is not None:
+            # a textured result (uv_texture, issue 16): a material with its image as Base Color on its UV map; the
+            # Col colour attribute stays on the mesh
+            image = bpy.data.images.get(job.textures.get(str(item.info.get("texture") or ""), ""))
+            if image is not None:
+                me.materials.clear()
+                me.materials.append(scene.baked_material(None, image, UV_MAP))
         scene.ensure_material(me)
         obj = self._slot_object(job, item.slot)
         if obj is None:

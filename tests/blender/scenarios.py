@@ -914,7 +914,73 @@ def group_pretrained(bpy, mod, args, results: dict) -> None:
         return run_job("gallery job")
 
 
-GROUPS = {"main": group_main, "restart": group_restart, "starter": group_starter, "pretrained": group_pretrained}
+def uv_summary(bpy, obj) -> dict:
+    """A result's UV map and the image its material takes its Base Color from (issue 16, uv_texture)."""
+    import numpy as np
+
+    me = obj.data
+    out = mesh_summary(bpy, obj)
+    uv = me.uv_layers.active
+    out["uv_map"] = None if uv is None else uv.name
+    if uv is not None and len(me.loops):
+        co = np.empty(len(me.loops) * 2, np.float32)
+        uv.uv.foreach_get("vector", co)
+        out["uv_range"] = [float(co.min()), float(co.max())]
+        out["uv_finite"] = bool(np.isfinite(co).all())
+    out["texture"] = None
+    mat = me.materials[0] if len(me.materials) else None
+    if mat is not None and mat.use_nodes:
+        nt = mat.node_tree
+        bsdf = next((n for n in nt.nodes if n.type == "BSDF_PRINCIPLED"), None)
+        links = [lk for lk in nt.links if bsdf is not None and lk.to_node == bsdf
+                 and lk.to_socket.name == "Base Color" and lk.from_node.type == "TEX_IMAGE"]
+        if links:
+            tex = links[0].from_node
+            uvn = [lk.from_node for lk in nt.links if lk.to_node == tex and lk.from_node.type == "UVMAP"]
+            img = tex.image
+            out["texture"] = {"image": img.name if img else None, "size": list(img.size) if img else None,
+                              "packed": bool(img and img.packed_file), "uv_node_map": uvn[0].uv_map if uvn else None}
+    return out
+
+
+def group_uv(bpy, mod, args, results: dict) -> None:
+    """Generate with UV texture on: each result has a UV map and a material with its baked image (issue 16)."""
+    d = Driver(bpy, mod)
+    s = d.s
+    options = json.loads(args.options or "{}")
+
+    @step(results, "connect")
+    def _():
+        d.connect(args.connection_file)
+        return {"state": s.state, "profile": s.welcome.get("profile")}
+
+    @step(results, "generate_uv")
+    def _():
+        st = bpy.context.scene.stepstone
+        st.prompt, st.variants, st.quality, st.spacing = "a red chair", 2, "fast", 2.0
+        st.uv_texture = True
+        assert bpy.ops.stepstone.generate(options=json.dumps(options.get("text-to-shape", {}))) == {"FINISHED"}
+        job = s.jobs[0]
+        d.until(lambda: d.job_settled(job), 300, "text-to-shape job with uv_texture")
+        objs = [bpy.data.objects[n] for n in job.slots.values()]
+        return {"state": job.state, "error": job.error, "job": job.key, "slots": sorted(job.slots),
+                "objects": [uv_summary(bpy, o) for o in objs], "logged": list(s.notices)}
+
+    @step(results, "reimport_uv")
+    def _():
+        gen = results.get("generate_uv", {})
+        if not gen.get("ok"):
+            raise RuntimeError("generate_uv failed")
+        before = set(bpy.data.objects.keys())
+        assert bpy.ops.stepstone.reimport(job=gen["job"]) == {"FINISHED"}
+        job = s.find(gen["job"])
+        d.until(lambda: len(job.slots) >= len(gen["slots"]) and not s.stream.pending_for(job.key), 60, "re-import")
+        new = sorted(set(bpy.data.objects.keys()) - before)
+        return {"objects": [uv_summary(bpy, bpy.data.objects[n]) for n in new]}
+
+
+GROUPS = {"main": group_main, "restart": group_restart, "starter": group_starter, "pretrained": group_pretrained,
+          "uv": group_uv}
 
 
 def main() -> int:
