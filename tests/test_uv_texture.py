@@ -284,3 +284,24 @@ def test_the_job_store_and_the_cli_write_textured_glb(tmp_path):
     assert rc == 0
     back = load_mesh(out, textures=True)
     assert back.uvs is not None and len(back.faces) <= 500 and png_rgba(back.texture).shape == (64, 64, 4)
+
+
+def test_image_to_shape_with_uv_texture(tmp_path):
+    import base64
+
+    from backend.geometry.texture import png_bytes
+    from backend.models.registry import load_profile
+    from backend.pipelines import image_to_shape as i2s
+
+    px = np.full((32, 32, 3), 255, np.uint8)
+    px[8:24, 8:24] = (200, 30, 30)
+    png = png_bytes(px)
+    params = i2s.validate({"image_png": base64.b64encode(png).decode(), "image_name": "red", "method": "svr",
+                           "config": {"mesh_resolution": 24}, "uv_texture": True, "texture_size": 64}, [])
+    with pytest.raises(InputError, match="texture_size"):
+        i2s.validate({**params, "texture_size": 99_999}, [])
+    events = list(i2s.run(params, [], JobContext(profile=load_profile("tiny"), device="cpu", seed=0)))
+    final = events[-1]
+    assert isinstance(final, MeshUpdate) and final.final and final.uvs is not None, final.info
+    assert final.info["texture"] == "red texture" and any(isinstance(e, Image) and e.label == "red texture"
+                                                          for e in events)
