@@ -22,6 +22,7 @@ from backend.pipelines.iss_stages import (
     Stage2Aligner,
     Stage2Config,
     ViewConfig,
+    augment_views,
     background_points,
     background_term,
     stage1_latent,
@@ -31,7 +32,7 @@ from backend.render import orbit_cameras, render
 
 VIEW = ViewConfig(resolution=16, n_samples=12)
 SMALL = {"views": 1, "render_resolution": 16, "n_samples": 8, "resolution": 16, "preview_resolution": 12,
-         "preview_every": 1, "lr": 0.01}
+         "preview_every": 1, "lr": 0.01, "latent_step": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def _sphere_sdf(res: int, radius: float = 0.3) -> np.ndarray:
 def test_clip_consistency_loss_falls_over_stage2(profile):
     clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
     f = clip.encode_text(["a red swivel chair"])
-    cfg = Stage2Config(iterations=8, views=2, lambda_bg=0.0, lr=0.05, view=VIEW)
+    cfg = Stage2Config(iterations=8, views=2, lambda_bg=0.0, lr=0.05, tune="mapper", clip_augments=0, view=VIEW)
     aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
     held = orbit_cameras([30.0, 150.0, 270.0], 20.0)
     before = aligner.evaluate(held)["clip"]
@@ -83,7 +84,8 @@ def test_stage2_moves_the_latent_only_inside_the_mapper_subspace(profile):
     z1 = stage1_latent(with_basis, f)
     moved = {}
     for k in (2, 0):
-        cfg = Stage2Config(iterations=3, views=2, lambda_bg=0.0, lr=0.05, latent_subspace=k, view=VIEW)
+        cfg = Stage2Config(iterations=3, views=2, lambda_bg=0.0, lr=0.05, latent_subspace=k, tune="mapper",
+                           clip_augments=0, view=VIEW)
         al = Stage2Aligner(with_basis, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
         for _ in range(cfg.iterations):
             al.step()
@@ -100,10 +102,55 @@ def test_stage2_moves_the_latent_only_inside_the_mapper_subspace(profile):
     assert profile.mapper().subspace(8) is None
 
 
+def test_stage2_output_tuning_moves_only_the_latent_offset_by_fixed_steps(profile):
+    """``tune = "output"``: only M's last bias learns, each step moves z by latent_step * |z_1|, and the CLIP loss
+    falls (on fixed views, so each step descends one objective); the loaded mapper stays untouched."""
+    clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
+    f = clip.encode_text(["a red swivel chair"])
+    z1 = stage1_latent(mapper, f)
+    cfg = Stage2Config(iterations=6, views=3, lambda_bg=0.0, lambda_prior=0.0, tune="output", latent_step=0.02,
+                       clip_augments=0,
+                       view=VIEW)
+    al = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
+    held = orbit_cameras([30.0, 150.0, 270.0], 20.0)
+    al.cameras = lambda: held
+    before = al.evaluate(held)["clip"]
+    weights = {k: v.clone() for k, v in al.mapper.state_dict().items() if not k.endswith("bias")}
+    prev = al.latent().detach()
+    for _ in range(cfg.iterations):
+        al.step()
+        z = al.latent().detach()
+        step = float((z - prev).norm())
+        assert step == pytest.approx(cfg.latent_step * max(float(z1.norm()), 0.1), rel=1e-3)
+        prev = z
+    assert al.evaluate(held)["clip"] < before
+    for k, v in al.mapper.state_dict().items():  # the weights of M' did not move, only the output bias
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    assert torch.equal(stage1_latent(mapper, f), z1)
+    with pytest.raises(ValueError, match="tune"):
+        Stage2Aligner(mapper, svr.decoder, clip, f, f[0], replace(cfg, tune="decoder"), torch.Generator())
+
+
+def test_augment_views_keeps_the_views_and_adds_differentiable_crops():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 16, 16, requires_grad=True)
+    out = augment_views(img, 3, (0.6, 0.9), g)
+    assert out.shape == (8, 3, 16, 16)
+    assert torch.equal(out[:2], img)  # the views themselves come first, unchanged
+    assert not torch.allclose(out[2:4], img)  # crops are zoomed in
+    out[2:].sum().backward()
+    assert img.grad is not None and float(img.grad.abs().sum()) > 0
+    full = augment_views(img.detach(), 1, (1.0, 1.0), g)  # a crop of the whole view is the view
+    assert torch.allclose(full[2:], img.detach(), atol=1e-5)
+    assert augment_views(img, 0, (0.6, 0.9), g) is img
+
+
 def test_background_loss_makes_background_whiter(profile):
     clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
     f = clip.encode_text(["a lamp"])
     cfg = Stage2Config(iterations=8, views=2, lambda_clip=0.0, lambda_bg=10.0, lr=0.05, bg_rays=256, bg_samples=8,
+                       tune="mapper",
                        view=VIEW)
     aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(1))
     cams = orbit_cameras([0.0, 120.0, 240.0], 30.0)
@@ -276,6 +323,19 @@ def test_option_validation():
     assert p["tau"] == 0.5 and p["quality"] == "fast"
     assert t2s.stage2_config(p).iterations == 20
     assert t2s.stage2_config(p).latent_subspace == 0 and t2s.stage2_config(p).lr == 1e-4  # ISS++ as published
+    # stage 2 tunes the mapper's output bias in steps of 0.005 |z_1| with 4 CLIP crops per view (session 9); the
+    # paper's Adam on every weight of M' stays one option away
+    c = t2s.stage2_config(p)
+    assert (c.tune, c.latent_step, c.clip_augments) == ("output", 0.005, 4)
+    paper = t2s.stage2_config(t2s.validate({"prompt": "x", "stage2_tune": "mapper", "clip_augments": 0}, []))
+    assert (paper.tune, paper.clip_augments) == ("mapper", 0)
+    assert t2s.stage2_config(t2s.validate({"prompt": "x", "latent_step": 0.02}, [])).latent_step == 0.02
+    with pytest.raises(InputError, match="stage2_tune"):
+        t2s.validate({"prompt": "x", "stage2_tune": "decoder"}, [])
+    with pytest.raises(InputError, match="latent_step"):
+        t2s.validate({"prompt": "x", "latent_step": 0}, [])
+    with pytest.raises(InputError, match="clip_augments"):
+        t2s.validate({"prompt": "x", "clip_augments": 99}, [])
     assert t2s.stage2_config(p).views == 10 and t2s.stage2_config(p).lambda_bg == 10.0
     assert t2s.stage2_config(p).view.resolution == 90  # official ISS code
     cpu = t2s.stage2_config(p, "cpu")  # lighter rendering on a CPU unless the job says otherwise
@@ -308,7 +368,7 @@ def test_stage2_guard_undoes_an_update_that_would_delete_the_shape(profile):
     guard undoes the update that crosses the volume floor, stops, and the shape keeps its floor volume."""
     clip, mapper, svr = profile.clip(), profile.mapper(), profile.svr()
     f = clip.encode_text(["a red chair"])
-    cfg = Stage2Config(iterations=60, views=1, lr=0.05, min_volume=0.5, view=VIEW)
+    cfg = Stage2Config(iterations=60, views=1, lr=0.05, min_volume=0.5, tune="mapper", view=VIEW)
     aligner = Stage2Aligner(mapper, svr.decoder, clip, f, f[0], cfg, torch.Generator().manual_seed(0))
     assert aligner.volume0 > 0.05
 

@@ -90,6 +90,16 @@ class Stage2Config:
     # lr 5e-5 (job options latent_subspace / tau / lr): stage 2 raised IoU (20 validation prompts 0.530 -> 0.558,
     # benchmark 0.556 -> 0.558) but the final shapes lost category and colour on the benchmark (category 13/13 ->
     # 11/13, colour 12/13 -> 11/13)
+    tune: str = "output"  # what stage 2 fine-tunes: "mapper" (every weight of M', ISS++ with Adam at lr) or
+    # "output" (ours: only the bias of M's last layer, i.e. z = M(f_T) + b, by normalised gradient descent with
+    # steps of latent_step * |z_1|; see Stage2Aligner)
+    latent_step: float = 0.005  # "output": length of one step as a fraction of |M(f_T)| (at least 0.1)
+    clip_augments: int = 4  # ours (Text2Mesh / Dream Fields practice): > 0 scores each rendered view in this many
+    # random crops (scale crop_scale, random offset, resized back) besides itself, so the loss follows what the
+    # CLIP sees in all of them rather than one pixel pattern of one render; 0 = ISS++ as published
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # side of a crop as a fraction of the view
+    clip_background: str = "white"  # background of the CLIP views: "white" (ISS) or "random" (one flat colour per
+    # view, as ISS++ Sec. 3.4.1 does for stylization and Dream Fields for generation)
     view: ViewConfig = field(default_factory=ViewConfig)
 
 
@@ -149,6 +159,28 @@ def render_views(field_: Any, cameras, resolution: int, n_samples: int, generato
                  generator=generator, normals=None, chunk=chunk, checkpoint=checkpoint)
     out["images"] = out["rgb"].permute(0, 3, 1, 2)
     return out
+
+
+def augment_views(images: Tensor, n: int, scale: tuple[float, float],
+                  generator: Optional[torch.Generator]) -> Tensor:
+    """``images`` (V, 3, H, W) followed by ``n`` random square crops of each, resized back: (V * (1 + n), 3, H, W).
+
+    A crop's side is a fraction in ``scale`` of the view's, at a random position inside it; differentiable
+    (bilinear ``grid_sample``). The CLIP-loss augmentation of Text2Mesh and Dream Fields (ours in stage 2).
+    """
+    if n <= 0:
+        return images
+    v = images.shape[0]
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+    r = torch.rand(3, v * n, generator=generator, device=gen_dev).to(images.device, images.dtype)
+    s = scale[0] + (scale[1] - scale[0]) * r[0]
+    tx, ty = (2 * r[1] - 1) * (1 - s), (2 * r[2] - 1) * (1 - s)
+    theta = torch.zeros(v * n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, tx, ty
+    src = images.repeat(n, 1, 1, 1)
+    grid = torch.nn.functional.affine_grid(theta, list(src.shape), align_corners=False)
+    crops = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([images, crops])
 
 
 def background_points(cameras, n_rays: int, n_samples: int, generator: Optional[torch.Generator],
@@ -211,7 +243,15 @@ class Stage2Aligner:
         self.target = target.detach().reshape(1, -1).to(device)
         self.generator = generator
         self.device = device
-        self.opt = torch.optim.Adam(self.mapper.parameters(), lr=config.lr)
+        if config.tune not in ("mapper", "output"):
+            raise ValueError(f"Stage2Config.tune must be 'mapper' or 'output', got {config.tune!r}")
+        self._bias = None
+        if config.tune == "output":  # only the last layer's bias learns: z = M(f_T) + b
+            last = [m for m in self.mapper.modules() if isinstance(m, nn.Linear)][-1]
+            self.mapper.requires_grad_(False)
+            last.bias.requires_grad_(True)
+            self._bias = last.bias
+        self.opt = torch.optim.Adam([q for q in self.mapper.parameters() if q.requires_grad], lr=config.lr)
         self.iteration = 0
         self.stopped = ""  # why stage 2 stopped early ("" while it runs)
         self._volume_points = grid_points(config.volume_resolution, device=device).reshape(1, -1, 3)
@@ -255,8 +295,10 @@ class Stage2Aligner:
         field_ = decoder_field(self.decoder, z, v)
         if cfg.lambda_clip > 0:
             r = render_views(field_, cameras, v.resolution, v.n_samples, self.generator,
-                             chunk=v.chunk, checkpoint=v.checkpoint and v.field_grid <= 0)
-            feats = self.clip.encode_image(r["images"])
+                             background=cfg.clip_background, chunk=v.chunk,
+                             checkpoint=v.checkpoint and v.field_grid <= 0)
+            feats = self.clip.encode_image(augment_views(r["images"], cfg.clip_augments, cfg.crop_scale,
+                                                         self.generator))
             out["clip"] = clip_consistency_loss(self.target, feats)
             total = total + cfg.lambda_clip * out["clip"]
         if cfg.lambda_bg > 0:
@@ -292,7 +334,10 @@ class Stage2Aligner:
         if terms["loss"].requires_grad:
             terms["loss"].backward()
             before = copy.deepcopy(self.mapper.state_dict())
-            self.opt.step()
+            if self._bias is not None:
+                self._normalised_step()
+            else:
+                self.opt.step()
             vol = self.volume()
             if vol < self.config.min_volume * self.volume0:
                 self.mapper.load_state_dict(before)
@@ -303,6 +348,27 @@ class Stage2Aligner:
             out["volume"] = vol
         self.iteration += 1
         return out
+
+    @torch.no_grad()
+    def _normalised_step(self) -> None:
+        """``b <- b - latent_step * |z_1| * g / |g|`` for the output bias (``tune = "output"``).
+
+        The latent moves a fixed distance per iteration along the descent direction of Eq. 3-5 in shape space.
+        Adam on every weight of M' (ISS++) moves z by the Jacobian of M times a per-weight sign-like step, which
+        need not point where the loss falls in shape space; measured on validation prompts, the latent gradient
+        itself has a positive cosine with f_S - M(f_T) on average (see the README).
+        """
+        g = self._bias.grad
+        if g is None:
+            return
+        n = float(g.norm())
+        if n > 0 and np.isfinite(n):
+            self._bias.sub_(g * (self.config.latent_step * self.step_scale() / n))
+
+    def step_scale(self) -> float:
+        """|z_1|, the length ``latent_step`` is a fraction of; at least 0.1 (the starter's |M(f_T)| is 0.7-1.0), so a
+        mapper whose outputs are ~0 (untrained, random test weights) still moves."""
+        return max(float(self.z1.norm()), 0.1)
 
     @torch.no_grad()
     def evaluate(self, cameras) -> dict[str, float]:

@@ -72,6 +72,7 @@ MAX_VARIANTS = 16
 QUALITIES = ("fast", "refined")
 METHODS = ("iss", "dream3d")
 SHAPE_PRIORS = ("iss", "image", "shap-e")
+STAGE2_TUNES = ("output", "mapper")
 
 DEFAULTS: dict[str, Any] = {
     "variants": 1,
@@ -91,7 +92,11 @@ DEFAULTS: dict[str, Any] = {
     "render_resolution": None,  # None: 90 (official ISS code)
     "field_grid": None,  # stage-2 rendering through a decoded grid of this size (None: 0 = direct; 32 on a CPU)
     "n_samples": None,  # samples per ray
-    "lr": None,  # stage-2 Adam learning rate (None: 1e-4)
+    "lr": None,  # stage-2 Adam learning rate of tune "mapper" (None: 1e-4)
+    "stage2_tune": None,  # what stage 2 fine-tunes (None: "output", the bias of M's last layer; "mapper": all of M',
+    # ISS++ as published); see Stage2Config.tune
+    "latent_step": None,  # stage-2 step of tune "output" as a fraction of |M(f_T)| (None: 0.005)
+    "clip_augments": None,  # random crops per stage-2 view for the CLIP loss (None: 4; 0 = ISS++)
     "latent_subspace": None,  # stage 2 along the mapper's leading N latent directions (None/0: whole latent, ISS++)
     "grid_resolution": None,  # Dream3D density grid (None: 64)
     "prior_image_steps": None,  # DDIM steps of Dream3D's text -> image prior (None: 30)
@@ -115,6 +120,7 @@ _INT_RANGES = {
     "preview_every": (1, 100000),
     "views": (1, 64),
     "latent_subspace": (0, 4096),
+    "clip_augments": (0, 32),
     "render_resolution": (8, 512),
     "field_grid": (0, 128),
     "n_samples": (2, 512),
@@ -159,6 +165,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-subspace", type=int, default=None,
                         help="stage 2 moves the shape latent only along the mapper's leading N principal directions "
                              "(0 or unset: the whole latent, as ISS++)")
+    parser.add_argument("--stage2-tune", choices=STAGE2_TUNES, default=None,
+                        help="what stage 2 fine-tunes: output (the mapper's output bias, default) or mapper (every "
+                             "weight of M' with Adam, ISS++ as published)")
+    parser.add_argument("--clip-augments", type=int, default=None,
+                        help="random crops per stage-2 view for the CLIP loss (default 4; 0 = ISS++)")
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
     parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
@@ -186,6 +197,8 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "shape_prior": args.shape_prior,
         "tau": args.tau,
         "latent_subspace": getattr(args, "latent_subspace", None),
+        "stage2_tune": getattr(args, "stage2_tune", None),
+        "clip_augments": getattr(args, "clip_augments", None),
         "iterations": args.iterations,
         "refine_iterations": args.refine_iterations,
         "dream3d_iterations": args.dream3d_iterations,
@@ -251,6 +264,16 @@ def validate(params: dict, inputs: list[MeshInput], profile: Any = None) -> dict
         if not 0.0 < lr < 1.0:
             raise InputError(f"lr must lie in (0, 1), got {lr}")
         out["lr"] = lr
+    if out["stage2_tune"] is not None and out["stage2_tune"] not in STAGE2_TUNES:
+        raise InputError(f"stage2_tune must be one of {', '.join(STAGE2_TUNES)}, got {out['stage2_tune']!r}")
+    if out["latent_step"] is not None:
+        try:
+            step = float(out["latent_step"])
+        except (TypeError, ValueError):
+            raise InputError(f"latent_step must be a number in (0, 1), got {out['latent_step']!r}") from None
+        if not 0.0 < step < 1.0:
+            raise InputError(f"latent_step must lie in (0, 1), got {step}")
+        out["latent_step"] = step
     if out["prior_guidance"] is not None:
         g = float(out["prior_guidance"])
         if not 0.0 <= g <= 100.0:
@@ -344,6 +367,12 @@ def stage2_config(params: dict, device: str = "cuda") -> Stage2Config:
         cfg = replace(cfg, lr=params["lr"])
     if params.get("latent_subspace") is not None:
         cfg = replace(cfg, latent_subspace=params["latent_subspace"])
+    if params.get("stage2_tune"):
+        cfg = replace(cfg, tune=params["stage2_tune"])
+    if params.get("latent_step"):
+        cfg = replace(cfg, latent_step=params["latent_step"])
+    if params.get("clip_augments") is not None:
+        cfg = replace(cfg, clip_augments=params["clip_augments"])
     return cfg
 
 
