@@ -93,10 +93,10 @@ DEFAULTS: dict[str, Any] = {
     "field_grid": None,  # stage-2 rendering through a decoded grid of this size (None: 0 = direct; 32 on a CPU)
     "n_samples": None,  # samples per ray
     "lr": None,  # stage-2 Adam learning rate of tune "mapper" (None: 1e-4)
-    "stage2_tune": None,  # what stage 2 fine-tunes (None: "output", the bias of M's last layer; "mapper": all of M',
-    # ISS++ as published); see Stage2Config.tune
+    "stage2_tune": None,  # what stage 2 fine-tunes (None: "mapper", all of M', ISS++ as published; "output": the
+    # bias of M's last layer by normalised steps, ours); see Stage2Config.tune
     "latent_step": None,  # stage-2 step of tune "output" as a fraction of |M(f_T)| (None: 0.005)
-    "clip_augments": None,  # random crops per stage-2 view for the CLIP loss (None: 4; 0 = ISS++)
+    "clip_augments": None,  # random crops per stage-2 view for the CLIP loss (None: 0 = ISS++)
     "latent_subspace": None,  # stage 2 along the mapper's leading N latent directions (None/0: whole latent, ISS++)
     "grid_resolution": None,  # Dream3D density grid (None: 64)
     "prior_image_steps": None,  # DDIM steps of Dream3D's text -> image prior (None: 30)
@@ -166,10 +166,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage 2 moves the shape latent only along the mapper's leading N principal directions "
                              "(0 or unset: the whole latent, as ISS++)")
     parser.add_argument("--stage2-tune", choices=STAGE2_TUNES, default=None,
-                        help="what stage 2 fine-tunes: output (the mapper's output bias, default) or mapper (every "
-                             "weight of M' with Adam, ISS++ as published)")
+                        help="what stage 2 fine-tunes: mapper (every weight of M' with Adam, ISS++ as published, "
+                             "default) or output (the mapper's output bias by normalised gradient steps)")
+    parser.add_argument("--latent-step", type=float, default=None,
+                        help="stage-2 step of --stage2-tune output, as a fraction of |M(f_T)| (default 0.005)")
     parser.add_argument("--clip-augments", type=int, default=None,
-                        help="random crops per stage-2 view for the CLIP loss (default 4; 0 = ISS++)")
+                        help="random crops per stage-2 view for the CLIP loss (default 0, ISS++)")
     parser.add_argument("--iterations", type=int, default=None, help="stage-2 iterations (default 20)")
     parser.add_argument("--refine-iterations", type=int, default=None, help="SDS refinement iterations")
     parser.add_argument("--dream3d-iterations", type=int, default=None, help="Dream3D optimisation iterations")
@@ -199,6 +201,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[dict, list[MeshInput]]:
         "latent_subspace": getattr(args, "latent_subspace", None),
         "stage2_tune": getattr(args, "stage2_tune", None),
         "clip_augments": getattr(args, "clip_augments", None),
+        "latent_step": getattr(args, "latent_step", None),
         "iterations": args.iterations,
         "refine_iterations": args.refine_iterations,
         "dream3d_iterations": args.dream3d_iterations,
