@@ -342,6 +342,12 @@ def check_capabilities(params: dict, profile: Any) -> None:
 CPU_VIEW_DEFAULTS = {"views": 4, "render_resolution": 64, "n_samples": 32, "field_grid": 32}
 
 
+# job option -> Stage2Config field, and whether 0 is a value (iterations 0 skips stage 2) rather than "the default"
+_STAGE2_OPTIONS = (("iterations", "iterations", True), ("views", "views", False), ("lr", "lr", False),
+                   ("latent_subspace", "latent_subspace", True), ("stage2_tune", "tune", False),
+                   ("latent_step", "latent_step", False), ("clip_augments", "clip_augments", True))
+
+
 def stage2_config(params: dict, device: str = "cuda") -> Stage2Config:
     """Stage2Config (Sec. 4.2 defaults; :data:`CPU_VIEW_DEFAULTS` on a CPU) with the job's overrides."""
     if device == "cpu":
@@ -362,20 +368,10 @@ def stage2_config(params: dict, device: str = "cuda") -> Stage2Config:
         # still bounded by one chunk: about 2 GB for the paper's 512-wide decoder at 64 samples)
         view = replace(view, chunk=max(view.chunk, 32768))
     cfg = replace(cfg, view=view)
-    if params.get("iterations") is not None:
-        cfg = replace(cfg, iterations=params["iterations"])
-    if params.get("views"):
-        cfg = replace(cfg, views=params["views"])
-    if params.get("lr"):
-        cfg = replace(cfg, lr=params["lr"])
-    if params.get("latent_subspace") is not None:
-        cfg = replace(cfg, latent_subspace=params["latent_subspace"])
-    if params.get("stage2_tune"):
-        cfg = replace(cfg, tune=params["stage2_tune"])
-    if params.get("latent_step"):
-        cfg = replace(cfg, latent_step=params["latent_step"])
-    if params.get("clip_augments") is not None:
-        cfg = replace(cfg, clip_augments=params["clip_augments"])
+    for key, name, zero_counts in _STAGE2_OPTIONS:
+        value = params.get(key)
+        if value is not None and (zero_counts or value):
+            cfg = replace(cfg, **{name: value})
     return cfg
 
 
