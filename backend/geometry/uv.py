@@ -98,9 +98,8 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, resolution: int = 512, *, pa
                 try:
                     proc.wait(POLL_S)
                     break
-                except subprocess.TimeoutExpired:
-                    pass
-                cancel_checkpoint()
+                except subprocess.TimeoutExpired:  # still running: a cancel or the time limit stops it
+                    cancel_checkpoint()
                 if time.perf_counter() - t0 > timeout_s:
                     raise UnwrapError(f"UV unwrapping of {len(f):,} faces took longer than {timeout_s:.0f} s and "
                                       "was stopped; lower texture_faces or turn uv_texture off")
